@@ -1,0 +1,56 @@
+# Set-up is one stamp per component under build/.stamps, so `make triplets` or `make test` on a fresh clone brings
+# up whatever is missing, and nothing twice.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMPS := build/.stamps
+SAMPLE_DIR := build/sample-catalogue
+SAMPLE_PRODUCTS ?= 200
+SAMPLE_SEED ?= 0
+PYTEST_ARGS ?=
+
+.PHONY: setup venv sample triplets test test-fast bench bench-smoke lint clean
+
+setup: $(STAMPS)/venv $(STAMPS)/sample
+
+venv: $(STAMPS)/venv
+sample: $(STAMPS)/sample
+
+$(STAMPS)/venv: pyproject.toml constraints.txt
+	@mkdir -p $(STAMPS)
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,ml]'
+	@touch $@
+
+$(STAMPS)/sample: $(STAMPS)/venv fashionmv_builder/sources/sample.py
+	$(BIN)/fashionmv sample --out $(SAMPLE_DIR) --products $(SAMPLE_PRODUCTS) --seed $(SAMPLE_SEED)
+	@touch $@
+
+# The main job on the embedded sample: every stage built so far.
+triplets: setup
+	$(BIN)/fashionmv run configs/sample.yaml
+
+test: setup
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMPS)/venv
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+$(STAMPS)/bench-venv: $(STAMPS)/venv benchmarks/requirements.txt
+	$(PY) -m venv --system-site-packages .venv-bench
+	.venv-bench/bin/pip install -q --no-deps -r benchmarks/requirements.txt
+	@touch $@
+
+bench: setup $(STAMPS)/bench-venv
+	$(BIN)/python -m benchmarks.run
+
+bench-smoke: setup $(STAMPS)/bench-venv
+	$(BIN)/python -m benchmarks.run --smoke
+
+lint: $(STAMPS)/venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf build

@@ -1,0 +1,193 @@
+"""Explicit Arrow schemas of every table the pipeline writes.
+
+Image bytes live only in the `images` table written at ingest; every later table refers to a product by
+`(dataset, product_id)` and to a view by `view_index`. Each schema carries `SCHEMA_VERSION` in its metadata, and
+the images schema also carries the Hugging Face `datasets` feature description so `load_dataset` decodes the
+`image` column as an `Image`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+SCHEMA_VERSION_KEY = b"fashionmv.schema_version"
+TABLE_NAME_KEY = b"fashionmv.table"
+
+# The Hugging Face `Image` feature is stored as this struct.
+IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+_PRODUCT_KEY = [
+    pa.field("dataset", pa.string(), nullable=False),
+    pa.field("product_id", pa.string(), nullable=False),
+]
+
+
+def _schema(name: str, fields: list[pa.Field], hf_features: dict | None = None) -> pa.Schema:
+    metadata = {SCHEMA_VERSION_KEY: SCHEMA_VERSION.encode(), TABLE_NAME_KEY: name.encode()}
+    if hf_features is not None:
+        metadata[b"huggingface"] = json.dumps({"info": {"features": hf_features}}).encode()
+    return pa.schema(fields, metadata=metadata)
+
+
+PRODUCTS = _schema(
+    "products",
+    [
+        *_PRODUCT_KEY,
+        pa.field("source_kind", pa.string(), nullable=False),
+        # Products sharing a group key must land in one split (e.g. colour variants of one DeepFashion item).
+        pa.field("group_key", pa.string(), nullable=False),
+        pa.field("split", pa.string()),  # set only where the source has an official split
+        pa.field("category", pa.string()),
+        pa.field("n_views", pa.int16(), nullable=False),
+        pa.field("licence", pa.string()),
+        pa.field("source_uri", pa.string()),
+    ],
+)
+
+IMAGES = _schema(
+    "images",
+    [
+        *_PRODUCT_KEY,
+        pa.field("view_index", pa.int16(), nullable=False),  # position in plain string sort of file names
+        pa.field("file_name", pa.string(), nullable=False),
+        pa.field("view", pa.string()),  # front / back / side / detail / full / additional, where the source says
+        pa.field("image", IMAGE_STRUCT, nullable=False),
+        pa.field("format", pa.string(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("phash", pa.uint64(), nullable=False),
+        pa.field("dhash", pa.uint64(), nullable=False),
+        pa.field("sha256", pa.string(), nullable=False),
+        pa.field("source_uri", pa.string(), nullable=False),
+        pa.field("licence", pa.string()),
+    ],
+    hf_features={
+        "dataset": {"dtype": "string", "_type": "Value"},
+        "product_id": {"dtype": "string", "_type": "Value"},
+        "view_index": {"dtype": "int16", "_type": "Value"},
+        "file_name": {"dtype": "string", "_type": "Value"},
+        "view": {"dtype": "string", "_type": "Value"},
+        "image": {"_type": "Image"},
+        "format": {"dtype": "string", "_type": "Value"},
+        "width": {"dtype": "int32", "_type": "Value"},
+        "height": {"dtype": "int32", "_type": "Value"},
+        "phash": {"dtype": "uint64", "_type": "Value"},
+        "dhash": {"dtype": "uint64", "_type": "Value"},
+        "sha256": {"dtype": "string", "_type": "Value"},
+        "source_uri": {"dtype": "string", "_type": "Value"},
+        "licence": {"dtype": "string", "_type": "Value"},
+    },
+)
+
+# A view reference, used by every stage after ingest instead of image bytes.
+VIEW_REF = pa.struct([("view_index", pa.int16()), ("view", pa.string())])
+
+CAPTIONS = _schema(
+    "captions",
+    [
+        *_PRODUCT_KEY,
+        pa.field(
+            "view_captions",
+            pa.list_(
+                pa.struct(
+                    [
+                        ("view_index", pa.int16()),
+                        ("view_type", pa.string()),
+                        ("wearer_left_on_image", pa.string()),  # "left" / "right" / "not_visible"
+                        ("caption", pa.string()),
+                    ]
+                )
+            ),
+        ),
+        pa.field("long_caption", pa.string()),
+        pa.field("short_caption", pa.string()),
+        pa.field("category", pa.string()),
+        pa.field("gender", pa.string()),
+        pa.field("is_clothing", pa.bool_()),
+        pa.field("request_sha256", pa.string()),
+        pa.field("prompt_version", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("tokens_in", pa.int32()),
+        pa.field("tokens_out", pa.int32()),
+    ],
+)
+
+VERDICTS = _schema(
+    "verdicts",
+    [
+        *_PRODUCT_KEY,
+        pa.field("verdict", pa.string(), nullable=False),  # "pass" / "remove"
+        pa.field("reason", pa.string()),
+        pa.field("wrong_claims", pa.list_(pa.string())),
+        pa.field("request_sha256", pa.string()),
+        pa.field("prompt_version", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("tokens_in", pa.int32()),
+        pa.field("tokens_out", pa.int32()),
+    ],
+)
+
+TRIPLETS = _schema(
+    "triplets",
+    [
+        pa.field("triplet_id", pa.string(), nullable=False),
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("source_id", pa.string(), nullable=False),
+        pa.field("target_id", pa.string(), nullable=False),
+        pa.field("modification_text_short", pa.string(), nullable=False),
+        pa.field("modification_text_long", pa.string(), nullable=False),
+        pa.field("views_involved", pa.list_(pa.string()), nullable=False),
+        pa.field("candidate_ids", pa.list_(pa.string())),  # all candidates shown to the LMM, in shown order
+        pa.field("request_sha256", pa.string()),
+        pa.field("prompt_version", pa.string()),
+        pa.field("model", pa.string()),
+    ],
+)
+
+HARD_NEGATIVES = _schema(
+    "hard_negatives",
+    [
+        pa.field("triplet_id", pa.string(), nullable=False),
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("source_id", pa.string(), nullable=False),
+        pa.field("negative_id", pa.string(), nullable=False),
+        pa.field("rank_shown", pa.int16()),
+    ],
+)
+
+REJECTS = _schema(
+    "rejects",
+    [
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("product_id", pa.string(), nullable=False),  # the raw id as found, even when it is invalid
+        pa.field("level", pa.string(), nullable=False),  # data_schema.reasons.RejectLevel
+        pa.field("view_index", pa.int16()),
+        pa.field("file_name", pa.string()),
+        pa.field("reason", pa.string(), nullable=False),  # data_schema.reasons.RejectReason
+        pa.field("detail", pa.string(), nullable=False),
+        pa.field("related_id", pa.string()),  # e.g. the product or view this one duplicates
+        pa.field("source_uri", pa.string()),
+    ],
+)
+
+STATS = _schema(
+    "stats",
+    [
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("shard", pa.int32(), nullable=False),
+        pa.field("counter", pa.string(), nullable=False),
+        pa.field("value", pa.int64(), nullable=False),
+    ],
+)
+
+ALL = {
+    s.metadata[TABLE_NAME_KEY].decode(): s
+    for s in (PRODUCTS, IMAGES, CAPTIONS, VERDICTS, TRIPLETS, HARD_NEGATIVES, REJECTS, STATS)
+}

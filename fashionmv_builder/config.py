@@ -1,0 +1,175 @@
+"""One YAML file describes a run. It is validated before any work starts; an unknown key is an error naming it.
+
+Relative paths in the file are resolved against the folder holding the file, so a run does not depend on the
+directory it is started from. `output_dir` may also be any fsspec URL (`s3://…`, `memory://…`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """Bad configuration: raised before any work, naming the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _SourceBase(_Strict):
+    dataset: str = Field(pattern=r"^[A-Za-z0-9_\-]+$", description="dataset tag, also the image sub-folder name")
+    licence: str | None = None
+
+
+class DeepFashionSource(_SourceBase):
+    """DeepFashion In-shop: `<root>/<GENDER>/<Category>/id_XXXXXXXX/NN_k_view.jpg`, regrouped by the `NN` prefix."""
+
+    kind: Literal["deepfashion"]
+    root: Path
+
+
+class Fashion200kSource(_SourceBase):
+    """Fashion200K: `<root>/<gender>/<category>/<subcategory>/<pid>/<pid>_<k>.jpeg`, grouped by product id."""
+
+    kind: Literal["fashion200k"]
+    root: Path
+
+
+class FashionGenSource(_SourceBase):
+    """FashionGen h5 (`input_productID` (N,1) and `input_image` (N,H,W,3)); the file's split is kept."""
+
+    kind: Literal["fashiongen"]
+    path: Path
+    split: Literal["train", "val"]
+
+
+class FolderSource(_SourceBase):
+    """A plain tree `<root>/<product>/<view files>`; nested product ids (`a/b/c`) are allowed."""
+
+    kind: Literal["folder"]
+    root: Path
+
+
+class ManifestSource(_SourceBase):
+    """A JSONL or CSV manifest: one row per image (product_id, url, view, category, licence, split)."""
+
+    kind: Literal["manifest"]
+    path: Path
+    base_url: str | None = Field(default=None, description="relative URLs in the manifest are resolved against it")
+
+
+SourceConfig = Annotated[
+    DeepFashionSource | Fashion200kSource | FashionGenSource | FolderSource | ManifestSource,
+    Field(discriminator="kind"),
+]
+
+
+class IngestConfig(_Strict):
+    max_file_bytes: int = Field(default=30_000_000, gt=0)
+    # Decompression-bomb guard: the header's width × height is checked before any pixel is decoded.
+    max_image_pixels: int = Field(default=40_000_000, gt=0)
+    allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
+
+
+class HttpConfig(_Strict):
+    concurrency: int = Field(default=32, gt=0)
+    per_host_concurrency: int = Field(default=8, gt=0)
+    per_host_requests_per_second: float = Field(default=20.0, gt=0)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    read_timeout_s: float = Field(default=30.0, gt=0)
+    retries: int = Field(default=3, ge=0)
+    backoff_s: float = Field(default=0.5, ge=0)
+    max_redirects: int = Field(default=5, ge=0)
+    user_agent: str = "fashionmv-builder/0.1 (+https://github.com/fashionmv-builder)"
+    # Tests on localhost must allow this; production crawls should not.
+    allow_private_addresses: bool = False
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    output_dir: str
+    shard_size: int = Field(default=1000, gt=0)
+    workers: int = Field(default=2, gt=0)
+    sources: tuple[SourceConfig, ...] = Field(min_length=1)
+    ingest: IngestConfig = IngestConfig()
+    http: HttpConfig = HttpConfig()
+
+    @model_validator(mode="after")
+    def _unique_datasets(self) -> RunConfig:
+        tags = [s.dataset for s in self.sources]
+        if len(tags) != len(set(tags)):
+            raise ValueError(f"sources: dataset tags must be unique, got {tags}")
+        return self
+
+    def source(self, dataset: str) -> SourceConfig:
+        for s in self.sources:
+            if s.dataset == dataset:
+                return s
+        raise ConfigError(f"sources: no source with dataset {dataset!r}")
+
+    def config_hash(self) -> str:
+        return digest(self.model_dump(mode="json"))
+
+
+def digest(value: Any) -> str:
+    """sha256 of the canonical JSON of a value: the hash used for configs, fingerprints and requests."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _apply_override(data: dict[str, Any], dotted_key: str, value: Any) -> None:
+    node = data
+    *parents, last = dotted_key.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted_key}: {key!r} is not a section")
+    node[last] = value
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    if "output_dir" in data and "://" not in str(data["output_dir"]):
+        data["output_dir"] = str((base / str(data["output_dir"])).resolve())
+    for source in data.get("sources") or []:
+        for key in ("root", "path"):
+            if isinstance(source, dict) and key in source:
+                source[key] = str((base / str(source[key])).resolve())
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key.sub=value` with a YAML value, as given on the command line."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read config: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for key, value in (overrides or {}).items():
+        _apply_override(data, key, value)
+    _resolve_paths(data, path.resolve().parent)
+    return validate_config(data, origin=str(path))
+
+
+def validate_config(data: dict[str, Any], origin: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            where = ".".join(str(p) for p in e["loc"])
+            problems.append(f"{where}: unknown key" if e["type"] == "extra_forbidden" else f"{where}: {e['msg']}")
+        raise ConfigError(f"{origin}: " + "; ".join(problems)) from None
