@@ -19,7 +19,6 @@ sample: $(STAMPS)/sample
 $(STAMPS)/venv: pyproject.toml constraints.txt
 	@mkdir -p $(STAMPS)
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev,ml]'
 	@touch $@
 
@@ -38,7 +37,7 @@ test-fast: $(STAMPS)/venv
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 $(STAMPS)/bench-venv: $(STAMPS)/venv benchmarks/requirements.txt
-	$(PY) -m venv --system-site-packages .venv-bench
+	$(PY) -m venv .venv-bench
 	.venv-bench/bin/pip install -q --no-deps -r benchmarks/requirements.txt
 	@touch $@
 

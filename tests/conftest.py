@@ -27,3 +27,44 @@ def write(path: Path, data: bytes) -> Path:
 @pytest.fixture
 def make_jpeg():
     return jpeg_bytes
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def sample_catalogue(tmp_path_factory) -> Path:
+    """The sample catalogue, built once per session: the one `make setup` made, else a fresh one."""
+    built = REPO / "build" / "sample-catalogue"
+    if (REPO / "build" / ".stamps" / "sample").exists() and (built / "ground_truth.json").exists():
+        return built
+    from fashionmv_builder.sources.sample import generate_sample
+
+    out = tmp_path_factory.mktemp("sample-catalogue")
+    generate_sample(out, products=200, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def static_http_server():
+    """A real HTTP server on 127.0.0.1 serving a folder: `start(folder) -> base_url`."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    servers = []
+
+    class QuietHandler(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    def start(folder: Path) -> str:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(folder)))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()

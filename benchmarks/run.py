@@ -1,0 +1,22 @@
+"""`make bench`: every benchmark, printed as ratios against a peer measured in the same run.
+
+This machine is shared and noisy, so each figure is a median of interleaved repetitions and the headline is always a
+ratio, never an absolute time. `--smoke` runs each benchmark on tiny inputs so none of them rots.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from benchmarks import bench_ingest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="tiny inputs, one repetition: checks that it runs")
+    args = parser.parse_args()
+    bench_ingest.main(smoke=args.smoke)
+
+
+if __name__ == "__main__":
+    main()
