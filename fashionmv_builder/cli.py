@@ -82,19 +82,25 @@ def ingest(
 
 def _print_ingest(reports: list, cfg: RunConfig) -> None:
     table = Table(title=f"ingest → {cfg.output_dir}/ingest")
-    for col in ("dataset", "shards (skipped)", "products in/out", "views in/out", "rejects"):
+    for col in ("dataset", "shards (skipped)", "products in/out", "views in/out", "rejected products/views"):
         table.add_column(col)
+    reasons = []
     for r in reports:
         c = r.stats.get("counts", {})
-        reasons = ", ".join(f"{k.split('.', 1)[1]} {v}" for k, v in c.items() if k.startswith("rejected."))
         table.add_row(
             r.dataset,
             f"{r.shards} ({r.skipped})",
             f"{c.get('products_in', 0)}/{c.get('products_out', 0)}",
             f"{c.get('views_in', 0)}/{c.get('views_out', 0)}",
-            r.stats.get("error", reasons or "-"),
+            r.stats.get("error", f"{c.get('products_rejected', 0)}/{c.get('views_rejected', 0)}"),
         )
-    Console().print(table)
+        by_reason = ", ".join(f"{k.split('.', 1)[1]} {v}" for k, v in c.items() if k.startswith("rejected."))
+        if by_reason:
+            reasons.append(f"  {r.dataset}: {by_reason}")
+    out = Console(width=max(Console().width, 110))
+    out.print(table)
+    if reasons:
+        out.print("rejects by reason (rows in <dataset>/rejects/*.parquet):\n" + "\n".join(reasons))
 
 
 @app.command()
@@ -121,3 +127,67 @@ def stages() -> None:
     """List the pipeline's stages and which are built."""
     for name, what, issue in PIPELINE:
         Console().print(f"{name:<9} {'built' if issue is None else 'not built (' + issue + ')':<18} {what}")
+
+
+@app.command("build-tiny-procir")
+def build_tiny_procir(
+    out: Annotated[Path, typer.Option(help="folder to write the model into")] = Path("build/models/tiny-procir"),
+    seed: Annotated[int, typer.Option(help="random seed of the weights")] = 0,
+) -> None:
+    """Write a tiny random-weight Qwen3.5 (ProCIR backbone) with an offline tokenizer, for tests on CPU."""
+    from fashionmv_builder.procir.tiny import build_tiny_procir as build
+
+    build(out, seed=seed)
+    console.print(f"tiny ProCIR model written to {out}")
+
+
+def _split_datasets(values: list[str] | None) -> tuple[str, ...]:
+    from fashionmv_builder.procir.data import VAL_DATASETS
+
+    if not values:
+        return VAL_DATASETS
+    # Repeated options or comma-separated lists both work (the reference takes space-separated ones).
+    return tuple(tag for value in values for tag in value.split(",") if tag)
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Option(help="model folder (Qwen3.5 checkpoint with tokenizer/processor)")],
+    data_dir: Annotated[Path, typer.Option(help="folder holding val_triplets.jsonl")],
+    image_root: Annotated[Path, typer.Option(help="folder holding <dataset>/<product_id>/ image folders")],
+    datasets: Annotated[list[str] | None, typer.Option(help="dataset tags (repeat or comma-separate)")] = None,
+    output_dir: Annotated[Path, typer.Option(help="where eval_results.json goes")] = Path("results"),
+    batch_size: Annotated[int, typer.Option(min=1, help="products or queries per forward")] = 10,
+    mode: Annotated[str, typer.Option(help="two-turn, single-turn, text-only or image-only queries")] = "two-turn",
+    workers: Annotated[int, typer.Option(min=0, help="data-loader processes for images")] = 0,
+    device: Annotated[str | None, typer.Option(help="torch device (default: the GPU if any, else CPU)")] = None,
+    verbose: bool = False,
+) -> None:
+    """Evaluate a ProCIR model with FashionMV's protocol: R@1/5/10 per dataset, written to eval_results.json."""
+    _setup_logging(verbose)
+    import torch
+
+    from fashionmv_builder.procir.evaluate import QUERY_MODES, init_distributed
+    from fashionmv_builder.procir.evaluate import evaluate as run_eval
+    from fashionmv_builder.procir.recall import RESULTS_FILE, summary_line
+
+    if mode not in QUERY_MODES:
+        console.print(f"[red]unknown mode {mode!r}[/red]; one of {', '.join(QUERY_MODES)}")
+        raise typer.Exit(2)
+    init_distributed()
+    results = run_eval(
+        model,
+        data_dir,
+        image_root,
+        output_dir,
+        datasets=_split_datasets(datasets),
+        batch_size=batch_size,
+        mode=mode,
+        workers=workers,
+        device=torch.device(device) if device else None,
+    )
+    if results is None:
+        return  # not rank 0
+    for r in results:
+        console.print(summary_line(r))
+    console.print(f"results written to {output_dir / RESULTS_FILE}")

@@ -18,6 +18,17 @@ from data_schema.tables import REJECTS
 log = logging.getLogger("fashionmv")
 
 
+CONSERVED = (
+    "products_in",
+    "products_out",
+    "products_rejected",
+    "views_in",
+    "views_out",
+    "views_rejected",
+    "views_dropped_with_product",
+)
+
+
 class ConservationError(RuntimeError):
     """A stage lost or invented items: a bug, never bad input."""
 
@@ -26,7 +37,8 @@ class ShardLedger:
     def __init__(self, stage: str, dataset: str) -> None:
         self.stage = stage
         self.dataset = dataset
-        self.counts: Counter[str] = Counter()
+        # The conservation counters are always present, zeros included, so stats.json has one shape.
+        self.counts: Counter[str] = Counter(dict.fromkeys(CONSERVED, 0))
         self.rejects: list[dict] = []
 
     def reject(

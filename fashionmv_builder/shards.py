@@ -47,6 +47,18 @@ class ShardMarker(BaseModel):
     counts: dict[str, int]
 
 
+def _compression(schema: pa.Schema) -> dict[str, str]:
+    """zstd everywhere except encoded image bytes, which do not compress and would only cost CPU."""
+    codecs = {}
+    for field in schema:
+        if pa.types.is_struct(field.type) and field.type.get_field_index("bytes") >= 0:
+            codecs[f"{field.name}.bytes"] = "none"
+            codecs[f"{field.name}.path"] = "zstd"
+        else:
+            codecs[field.name] = "zstd"
+    return codecs
+
+
 class ShardStore:
     """The shards of one stage of one dataset under a build's output folder."""
 
@@ -95,7 +107,7 @@ class ShardStore:
         for name, table in tables.items():
             table = table.replace_schema_metadata({**(table.schema.metadata or {}), **extra})
             buf = io.BytesIO()
-            pq.write_table(table, buf, compression="zstd")
+            pq.write_table(table, buf, compression=_compression(table.schema))
             data = buf.getvalue()
             path = self.table_path(name, shard)
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)

@@ -150,8 +150,10 @@ def walk_tree(root: Path) -> Iterator[TreeDir]:
 
 
 def file_view(name: str, path: Path, root_real: Path, view: str | None = None) -> RawView:
-    """A view backed by a local file; a symlink leading outside the root becomes a listing problem."""
-    if not inside_root(path, root_real):
+    """A view backed by a local file; a symlink leading outside the root becomes a listing problem.
+
+    `walk_tree` already checked the folder, so only a file that is itself a link needs resolving."""
+    if path.is_symlink() and not inside_root(path, root_real):
         return RawView(
             name, str(path), view, problem=(RejectReason.UNSAFE_PATH, "symlink leads outside the source root")
         )
