@@ -53,3 +53,9 @@ lint: $(STAMPS)/venv
 
 clean:
 	rm -rf build
+
+# A tiny random-weight Qwen3.5 (ProCIR backbone) for the evaluator's and trainer's tests on CPU.
+TINY_PROCIR := build/models/tiny-procir
+$(STAMPS)/tiny-procir: $(STAMPS)/venv fashionmv_builder/procir/tiny.py
+	$(BIN)/fashionmv build-tiny-procir --out $(TINY_PROCIR)
+	@touch $@

@@ -8,8 +8,9 @@ perceptual hashes need and is what makes ingest several times faster than a full
 
 The hashes follow the usual definitions (as in the `imagehash` package): pHash takes the top-left 8×8 of the 2-D
 DCT-II of a 32×32 greyscale thumbnail and sets a bit where a coefficient is above their median; dHash compares
-horizontally adjacent pixels of a 9×8 thumbnail (made from the 32×32 one). Because the thumbnail comes from the reduced decode, a few bits can
-differ from `imagehash` on the same file; all hashes in a build are made the same way, which is what dedupe needs.
+horizontally adjacent pixels of a 9×8 thumbnail (made from the 32×32 one). Because the thumbnail comes from the
+reduced decode, a few bits can differ from `imagehash` on the same file; all hashes in a build are made the same
+way, which is what dedupe needs.
 """
 
 from __future__ import annotations
