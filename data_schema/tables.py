@@ -82,6 +82,35 @@ IMAGES = _schema(
     },
 )
 
+# The products that survive dedupe. A cluster is a product and its re-listed copies (rejected by dedupe); its id is
+# the kept product's id, so later stages can keep a cluster in one split and never pair a product with a copy.
+DEDUP_PRODUCTS = _schema(
+    "dedup_products",
+    [
+        *_PRODUCT_KEY,
+        pa.field("cluster_id", pa.string(), nullable=False),
+        pa.field("cluster_size", pa.int32(), nullable=False),  # 1 + the re-listed copies removed
+        pa.field("group_key", pa.string(), nullable=False),
+        pa.field("split", pa.string()),
+        pa.field("category", pa.string()),
+        pa.field("n_views", pa.int16(), nullable=False),  # 2-5 after the view rules
+    ],
+)
+
+# The views each kept product keeps, in plain sorted file-name order: references into the ingest `images` table
+# by (dataset, product_id, view_index), never bytes.
+DEDUP_VIEWS = _schema(
+    "dedup_views",
+    [
+        *_PRODUCT_KEY,
+        pa.field("view_index", pa.int16(), nullable=False),  # the ingest view_index
+        pa.field("file_name", pa.string(), nullable=False),
+        pa.field("view", pa.string()),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+    ],
+)
+
 # A view reference, used by every stage after ingest instead of image bytes.
 VIEW_REF = pa.struct([("view_index", pa.int16()), ("view", pa.string())])
 
@@ -189,5 +218,16 @@ STATS = _schema(
 
 ALL = {
     s.metadata[TABLE_NAME_KEY].decode(): s
-    for s in (PRODUCTS, IMAGES, CAPTIONS, VERDICTS, TRIPLETS, HARD_NEGATIVES, REJECTS, STATS)
+    for s in (
+        PRODUCTS,
+        IMAGES,
+        DEDUP_PRODUCTS,
+        DEDUP_VIEWS,
+        CAPTIONS,
+        VERDICTS,
+        TRIPLETS,
+        HARD_NEGATIVES,
+        REJECTS,
+        STATS,
+    )
 }

@@ -141,20 +141,34 @@ class ShardStore:
                     if self.fs.exists(entry.path):
                         self.fs.rm_file(entry.path)
 
-    def read_table(self, table: str, verify: bool = False) -> pa.Table:
+    def read_part(
+        self, marker: ShardMarker, table: str, *, columns: list[str] | None = None, verify: bool = False
+    ) -> pa.Table | None:
+        """One marked shard's table (only `columns`, when given: column chunks not asked for are not read)."""
+        entry = marker.files.get(table)
+        if entry is None:
+            return None
+        if not verify:
+            with self.fs.open(entry.path, "rb") as f:
+                return pq.read_table(f, columns=columns)
+        data = self.fs.cat_file(entry.path)
+        if hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise OSError(f"{entry.path}: checksum does not match its completion marker")
+        return pq.read_table(io.BytesIO(data), columns=columns)
+
+    def read_table(self, table: str, verify: bool = False, columns: list[str] | None = None) -> pa.Table:
         """All marked shards of one table, in shard order."""
-        parts = []
-        for marker in self.markers():
-            entry = marker.files.get(table)
-            if entry is None:
-                continue
-            data = self.fs.cat_file(entry.path)
-            if verify and hashlib.sha256(data).hexdigest() != entry.sha256:
-                raise OSError(f"{entry.path}: checksum does not match its completion marker")
-            parts.append(pq.read_table(io.BytesIO(data)))
+        parts = [self.read_part(m, table, columns=columns, verify=verify) for m in self.markers()]
+        parts = [p for p in parts if p is not None]
         if not parts:
             return pa.table({})
         return pa.concat_tables(parts)
+
+    def read_stats(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.fs.cat_file(f"{self.base}/stats.json"))
+        except (FileNotFoundError, ValueError):
+            return None
 
     def write_stats(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Sum the markers' counts into stats.json; leave the file untouched when nothing changed."""

@@ -1,0 +1,54 @@
+"""Images as the LMM sees them: resized once to the pixel budget, cached by content, sent by reference.
+
+A view is resized to at most `max_pixels` (keeping its aspect ratio), re-encoded as JPEG, and written to a
+content-addressed cache. Where the server shares the disk (a local vLLM started with `--allowed-local-media-path`)
+it is sent as a `file://` URL, so no base64 travels; otherwise as a data URI. The sha256 of the resized bytes is
+what goes into the request key, so a change of pixel budget is a new request.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    sha256: str
+    url: str
+
+
+class MediaCache:
+    def __init__(self, folder: Path, max_pixels: int, share_disk: bool) -> None:
+        self.folder = folder
+        self.max_pixels = max_pixels
+        self.share_disk = share_disk
+
+    def prepare(self, data: bytes) -> PreparedImage:
+        resized = self._resize(data)
+        digest = hashlib.sha256(resized).hexdigest()
+        if not self.share_disk:
+            return PreparedImage(digest, "data:image/jpeg;base64," + base64.b64encode(resized).decode())
+        path = self.folder / digest[:2] / f"{digest}.jpg"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(resized)
+            tmp.replace(path)  # never leave a half-written image for the server to read
+        return PreparedImage(digest, path.resolve().as_uri())
+
+    def _resize(self, data: bytes) -> bytes:
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert("RGB")
+            scale = math.sqrt(self.max_pixels / (img.width * img.height))
+            if scale < 1:
+                img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
+            out = io.BytesIO()
+            img.save(out, format="JPEG", quality=90)
+            return out.getvalue()

@@ -1,0 +1,289 @@
+"""The harness every LMM stage runs in: shards in, one request per product, shards out.
+
+A stage says how to load a shard's items, what request each item makes, and what an answer means (a row, or a
+reject with its reason); the harness does the rest the same way for all of them: skip shards whose marker matches,
+run every shard's requests concurrently through the one client (so the server stays busy across shard
+boundaries), replay stored answers, count tokens and time, trip the circuit breaker, check conservation, and write
+the shard and its marker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+from pydantic import BaseModel
+
+from data_schema.reasons import RejectLevel, RejectReason
+from fashionmv_builder.config import RunConfig, digest
+from fashionmv_builder.ledger import ShardLedger
+from fashionmv_builder.lmm.calls import AnswerStore, CallOutcome, CircuitBreaker, call_validated
+from fashionmv_builder.lmm.client import LmmClient, LmmRequest
+from fashionmv_builder.lmm.media import MediaCache
+from fashionmv_builder.shards import ShardMarker, ShardStore
+
+
+@dataclass
+class Item:
+    """One product on its way through an LMM stage."""
+
+    product: dict  # the input row
+    views: list[dict]  # view references (view_index, file_name, view), in order
+    images: list[bytes]  # the views' stored bytes, from the ingest images table
+    extra: dict = field(default_factory=dict)  # stage-specific input, e.g. the captions to verify
+
+
+@dataclass(frozen=True)
+class Ask:
+    request: LmmRequest
+    canonical: dict
+    model: type[BaseModel]
+
+
+@dataclass
+class StageContext:
+    config: RunConfig
+    client: LmmClient
+    media: MediaCache
+    answers: AnswerStore
+    breaker: CircuitBreaker
+    endpoints: int
+
+
+def text_part(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+def image_parts(images: Sequence[bytes], media: MediaCache) -> tuple[list[dict], list[str]]:
+    """`[Image k]` labels and image parts, and the content hashes that go into the request key."""
+    parts, hashes = [], []
+    for k, data in enumerate(images, start=1):
+        prepared = media.prepare(data)
+        parts += [text_part(f"[Image {k}]"), {"type": "image_url", "image_url": {"url": prepared.url}}]
+        hashes.append(prepared.sha256)
+    return parts, hashes
+
+
+class LmmStage(ABC):
+    name: str
+    input_stage: str
+    input_table: str  # the input shard's table with one row per product
+    output_table: str
+    output_schema: pa.Schema
+    bad_outcome: str  # what the circuit breaker counts, in words
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def stage_hash(self) -> str: ...
+
+    @abstractmethod
+    def ask(self, item: Item, ctx: StageContext) -> Ask: ...
+
+    @abstractmethod
+    def accept(self, item: Item, outcome: CallOutcome, ledger: ShardLedger) -> dict | None:
+        """The output row for a valid answer, or None after recording a reject on the ledger."""
+
+    def extra_inputs(self, marker: ShardMarker) -> dict[tuple[str, str], Any]:
+        """Per-product stage inputs beyond views and images, keyed by (dataset, product_id)."""
+        return {}
+
+    def views_for(self, marker: ShardMarker) -> pa.Table:
+        """The view references of the shard's products (the dedupe stage's `views` table)."""
+        store = ShardStore(self.config.output_dir, "dedupe", marker.dataset)
+        dedupe_marker = store.read_marker(marker.shard)
+        if dedupe_marker is None:
+            raise FileNotFoundError(f"dedupe shard {marker.shard} of {marker.dataset} is missing")
+        return store.read_part(dedupe_marker, "views")
+
+    # -- the harness -------------------------------------------------------------------------------------------
+
+    def input_markers(self, dataset: str) -> list[ShardMarker]:
+        return ShardStore(self.config.output_dir, self.input_stage, dataset).markers()
+
+    def fingerprint(self, marker: ShardMarker) -> str:
+        ingest = ShardStore(self.config.output_dir, "ingest", marker.dataset).read_marker(marker.shard)
+        return digest(
+            {
+                "input": {name: f.sha256 for name, f in marker.files.items()},
+                "images": ingest.files["images"].sha256 if ingest else None,
+            }
+        )
+
+    def load_items(self, marker: ShardMarker) -> list[Item]:
+        store = ShardStore(self.config.output_dir, self.input_stage, marker.dataset)
+        products = store.read_part(marker, self.input_table).to_pylist()
+        views: dict[str, list[dict]] = {}
+        for row in self.views_for(marker).to_pylist():
+            views.setdefault(row["product_id"], []).append(row)
+        ingest = ShardStore(self.config.output_dir, "ingest", marker.dataset)
+        ingest_marker = ingest.read_marker(marker.shard)
+        images_table = ingest.read_part(ingest_marker, "images", columns=["product_id", "view_index", "image"])
+        image_bytes = {(r["product_id"], r["view_index"]): r["image"]["bytes"] for r in images_table.to_pylist()}
+        extra = self.extra_inputs(marker)
+        items = []
+        for product in products:
+            pviews = sorted(views.get(product["product_id"], []), key=lambda v: v["file_name"])
+            items.append(
+                Item(
+                    product=product,
+                    views=pviews,
+                    images=[image_bytes[(product["product_id"], v["view_index"])] for v in pviews],
+                    extra=extra.get((product["dataset"], product["product_id"]), {}),
+                )
+            )
+        return items
+
+    async def run_shard(self, marker: ShardMarker, ctx: StageContext) -> ShardMarker:
+        items = self.load_items(marker)
+        ledger = ShardLedger(self.name, marker.dataset)
+        asks = [self.ask(item, ctx) for item in items]
+        tasks = [
+            asyncio.ensure_future(
+                call_validated(
+                    ctx.client,
+                    ctx.answers,
+                    a.request,
+                    a.canonical,
+                    a.model,
+                    invalid_retries=self.config.lmm.invalid_retries,
+                )
+            )
+            for a in asks
+        ]
+        outcomes: list[CallOutcome] = []
+        try:
+            for done in asyncio.as_completed(tasks):
+                outcome = await done
+                outcomes.append(outcome)
+                ctx.breaker.record(self.is_bad(outcome), self.bad_outcome)
+        finally:
+            for t in tasks:
+                t.cancel()
+        by_key = {o.key: o for o in outcomes}
+        rows = []
+        for item, ask in zip(items, asks, strict=True):
+            outcome = by_key[ask_key(ask)]
+            n_views = len(item.views)
+            ledger.counts["products_in"] += 1
+            ledger.counts["views_in"] += n_views
+            ledger.counts["tokens_in"] += outcome.tokens_in
+            ledger.counts["tokens_out"] += outcome.tokens_out
+            ledger.counts["requests_sent"] += outcome.attempts - outcome.from_store
+            ledger.counts["answers_replayed"] += outcome.from_store
+            ledger.counts["request_milliseconds"] += round(outcome.seconds * 1000)
+            if outcome.answer is None:
+                ledger.reject(
+                    RejectLevel.PRODUCT,
+                    RejectReason.INVALID_LMM_ANSWER,
+                    item.product["product_id"],
+                    f"{outcome.attempts} answers failed validation; last: {outcome.error}",
+                )
+                row = None
+            else:
+                row = self.accept(item, outcome, ledger)
+            if row is None:
+                ledger.counts["views_dropped_with_product"] += n_views
+                continue
+            rows.append(row)
+            ledger.counts["products_out"] += 1
+            ledger.counts["views_out"] += n_views
+        ledger.check()
+        store = ShardStore(self.config.output_dir, self.name, marker.dataset)
+        return store.write(
+            marker.shard,
+            {
+                self.output_table: pa.Table.from_pylist(rows, schema=self.output_schema),
+                "rejects": ledger.rejects_table(),
+            },
+            config_hash=self.stage_hash(),
+            input_fingerprint=self.fingerprint(marker),
+            counts=ledger.counts,
+            metadata={"fashionmv.stage": self.name, "fashionmv.model": self.config.lmm.model},
+        )
+
+    def is_bad(self, outcome: CallOutcome) -> bool:
+        return outcome.answer is None
+
+    @abstractmethod
+    def breaker_threshold(self) -> float: ...
+
+
+def ask_key(ask: Ask) -> str:
+    """The key of an ask's first attempt: what `call_validated` reports as the outcome's key."""
+    return digest({**ask.canonical, "seed": ask.request.seed})
+
+
+@dataclass
+class StageReport:
+    dataset: str
+    shards: int
+    skipped: int
+    stats: dict
+
+
+def media_cache(config: RunConfig) -> MediaCache:
+    fs, root = fsspec.core.url_to_fs(config.output_dir)
+    share = config.lmm.share_disk and fs.protocol in ("file", ("file", "local"))
+    return MediaCache(Path(root) / "lmm-images", config.lmm.image_max_pixels, share)
+
+
+async def run_stage(
+    stage: LmmStage, endpoints: list[str], datasets: list[str] | None = None, pilot: float | None = None
+) -> list[StageReport]:
+    """Run one LMM stage over every dataset (or the first `pilot` fraction of each one's shards)."""
+    config = stage.config
+    lmm = config.lmm
+    client = LmmClient(
+        endpoints,
+        lmm.model,
+        max_in_flight=lmm.max_in_flight,
+        timeout_s=lmm.timeout_s,
+        retries=lmm.retries,
+        backoff_s=lmm.backoff_s,
+    )
+    await client.check()
+    ctx = StageContext(
+        config=config,
+        client=client,
+        media=media_cache(config),
+        answers=AnswerStore(config.output_dir, stage.name),
+        breaker=CircuitBreaker(stage.breaker_threshold(), lmm.breaker_min_products),
+        endpoints=len(endpoints),
+    )
+    plans = []
+    for source in config.sources:
+        if datasets and source.dataset not in datasets:
+            continue
+        markers = stage.input_markers(source.dataset)
+        if pilot is not None:
+            markers = markers[: max(1, math.ceil(len(markers) * pilot))]
+        store = ShardStore(config.output_dir, stage.name, source.dataset)
+        todo = [m for m in markers if not store.is_complete(m.shard, stage.stage_hash(), stage.fingerprint(m))]
+        plans.append((source.dataset, markers, todo, store))
+    start = time.perf_counter()
+    try:
+        await asyncio.gather(*(stage.run_shard(m, ctx) for _, _, todo, _ in plans for m in todo))
+    finally:
+        await client.close()
+    wall = time.perf_counter() - start
+    reports = []
+    for dataset, markers, todo, store in plans:
+        if pilot is None:
+            store.remove_stale(m.shard for m in markers)
+        # Time is only recorded by a run that did work, so a rerun with nothing to do changes no file.
+        extra = {"wall_seconds": round(wall, 3), "server_seconds": round(wall * len(endpoints), 3)}
+        if not todo:
+            previous = store.read_stats() or {}
+            extra = {k: previous[k] for k in extra if k in previous}
+        reports.append(StageReport(dataset, len(markers), len(markers) - len(todo), store.write_stats(extra)))
+    return reports

@@ -1,0 +1,125 @@
+"""Stage 2: a second LMM pass checks Stage 1's orientation and placement claims against the images and removes
+products whose captions are wrong (FashionMV's hallucination filter).
+
+In: `captions` shards (and the dedupe view references, the ingest image bytes). Out: `verdicts` for the products
+that pass; a removed product is rejected (`removed_by_verifier`) with the verifier's reason and wrong claims.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from data_schema.lmm_answers import schema_digest, schema_of, verdict_answer
+from data_schema.reasons import RejectLevel, RejectReason
+from data_schema.tables import VERDICTS
+from fashionmv_builder.config import digest
+from fashionmv_builder.ledger import ShardLedger
+from fashionmv_builder.lmm.calls import CallOutcome
+from fashionmv_builder.lmm.client import LmmRequest
+from fashionmv_builder.lmm.stage import Ask, Item, LmmStage, StageContext, image_parts, text_part
+from fashionmv_builder.prompts import load_prompt
+
+STAGE_VERSION = "1"
+
+
+def captions_text(row: dict) -> str:
+    """Stage 1's answer as the verifier reads it: image numbers instead of view indexes."""
+    views = [
+        {"image": k, "view_type": v["view_type"], "wearer_left_on": v["wearer_left_on_image"], "caption": v["caption"]}
+        for k, v in enumerate(row["view_captions"], start=1)
+    ]
+    body = {"views": views, "long_caption": row["long_caption"], "short_caption": row["short_caption"]}
+    return "Captions to check:\n" + json.dumps(body, ensure_ascii=False)
+
+
+class VerifyStage(LmmStage):
+    name = "verify"
+    input_stage = "caption"
+    input_table = "captions"
+    output_table = "verdicts"
+    output_schema = VERDICTS
+    bad_outcome = "removed or answered invalidly"
+
+    def breaker_threshold(self) -> float:
+        return self.config.verify.breaker_threshold
+
+    def is_bad(self, outcome: CallOutcome) -> bool:
+        return outcome.answer is None or outcome.answer.verdict == "remove"
+
+    def stage_hash(self) -> str:
+        v, lmm = self.config.verify, self.config.lmm
+        prompt = load_prompt(v.prompt)
+        return digest(
+            {
+                "stage": self.name,
+                "version": STAGE_VERSION,
+                "prompt": prompt.id,
+                "prompt_sha": hashlib.sha256(prompt.text.encode()).hexdigest(),
+                "words": lmm.words.model_dump(),
+                "model": lmm.model,
+                "revision": lmm.model_revision,
+                "max_tokens": v.max_tokens,
+                "temperature": lmm.temperature,
+                "seed": lmm.seed,
+                "invalid_retries": lmm.invalid_retries,
+                "image_max_pixels": lmm.image_max_pixels,
+            }
+        )
+
+    def ask(self, item: Item, ctx: StageContext) -> Ask:
+        lmm, prompt = self.config.lmm, load_prompt(self.config.verify.prompt)
+        model = verdict_answer(lmm.words)
+        parts, hashes = image_parts(item.images, ctx.media)
+        intro = f"A product with {len(item.views)} views."
+        claims = captions_text(item.product)
+        messages = (
+            {"role": "system", "content": prompt.text},
+            {"role": "user", "content": [text_part(intro), *parts, text_part(claims)]},
+        )
+        canonical = {
+            "model": lmm.model,
+            "revision": lmm.model_revision,
+            "prompt": prompt.id,
+            "prompt_sha": hashlib.sha256(prompt.text.encode()).hexdigest(),
+            "schema": schema_digest(model),
+            "max_tokens": self.config.verify.max_tokens,
+            "temperature": lmm.temperature,
+            "images": hashes,
+            "text": [intro, claims],
+        }
+        request = LmmRequest(
+            key="",
+            messages=messages,
+            schema_name="verdict",
+            schema=schema_of(model),
+            max_tokens=self.config.verify.max_tokens,
+            temperature=lmm.temperature,
+            seed=lmm.seed,
+        )
+        return Ask(request, canonical, model)
+
+    def accept(self, item: Item, outcome: CallOutcome, ledger: ShardLedger) -> dict | None:
+        answer = outcome.answer
+        product_id = item.product["product_id"]
+        if answer.verdict == "remove":
+            claims = "; ".join(answer.wrong_claims) or "none listed"
+            ledger.reject(
+                RejectLevel.PRODUCT,
+                RejectReason.REMOVED_BY_VERIFIER,
+                product_id,
+                f"{answer.reason} (wrong claims: {claims})",
+            )
+            return None
+        return {
+            "dataset": item.product["dataset"],
+            "product_id": product_id,
+            "verdict": answer.verdict,
+            "reason": answer.reason,
+            "wrong_claims": list(answer.wrong_claims),
+            "request_sha256": outcome.key,
+            "prompt_version": self.config.verify.prompt,
+            "model": self.config.lmm.model,
+            "tokens_in": outcome.tokens_in,
+            "tokens_out": outcome.tokens_out,
+        }
