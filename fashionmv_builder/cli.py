@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -18,9 +20,9 @@ console = Console(stderr=True)
 # The pipeline in order: (stage, what it does, the issue that builds it; None once built).
 PIPELINE = [
     ("ingest", "crawl sources, validate and hash images, write product/image shards", None),
-    ("dedupe", "perceptual-hash dedupe within and across products, view rules", "#4"),
-    ("caption", "Stage 1: multi-view captions on vLLM", "#5"),
-    ("verify", "Stage 2: hallucination verifier on vLLM", "#5"),
+    ("dedupe", "perceptual-hash dedupe within and across products, view rules", None),
+    ("caption", "Stage 1: multi-view captions on vLLM", None),
+    ("verify", "Stage 2: hallucination verifier on vLLM", None),
     ("triplets", "Stage 3: split, candidate mining, listwise selection, triplets", "#6"),
     ("publish", "push shards to the Hugging Face Hub", "#8"),
 ]
@@ -28,6 +30,11 @@ PIPELINE = [
 ConfigArg = Annotated[Path, typer.Argument(help="run configuration (YAML)", exists=True, dir_okay=False)]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="output folder (overrides output_dir)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a config key: key.sub=value")]
+DatasetOpt = Annotated[list[str] | None, typer.Option(help="only these dataset tags")]
+PilotOpt = Annotated[
+    float | None,
+    typer.Option(min=0.0, max=1.0, help="run this fraction of each dataset's shards and project the full cost"),
+]
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -48,40 +55,9 @@ def _load(config: Path, out: Path | None, overrides: list[str] | None) -> RunCon
         raise typer.Exit(2) from None
 
 
-@app.command()
-def sample(
-    out: Annotated[Path, typer.Option(help="folder to write the catalogue into")] = Path("build/sample-catalogue"),
-    products: Annotated[int, typer.Option(min=20, help="products in the catalogue")] = 200,
-    seed: Annotated[int, typer.Option(help="random seed")] = 0,
-) -> None:
-    """Generate the sample catalogue (garments with known attributes and planted faults) in all five layouts."""
-    from fashionmv_builder.sources.sample import generate_sample
-
-    truth = generate_sample(out, products=products, seed=seed)
-    console.print(f"sample catalogue: {len(truth['products'])} products in five layouts under {out}")
-
-
-@app.command()
-def ingest(
-    config: ConfigArg,
-    out: OutOpt = None,
-    set_: SetOpt = None,
-    dataset: Annotated[list[str] | None, typer.Option(help="only these dataset tags")] = None,
-    verbose: bool = False,
-) -> None:
-    """Crawl the configured sources and write product/image shards, rejects and stats.json."""
-    _setup_logging(verbose)
-    cfg = _load(config, out, set_)
-    from fashionmv_builder.ingest import run_ingest
-
-    reports = run_ingest(cfg, dataset)
-    _print_ingest(reports, cfg)
-    if any("error" in r.stats for r in reports):
-        raise typer.Exit(1)
-
-
-def _print_ingest(reports: list, cfg: RunConfig) -> None:
-    table = Table(title=f"ingest → {cfg.output_dir}/ingest")
+def _print_stage(stage: str, reports: list, cfg: RunConfig) -> None:
+    """One table per stage: shards done and skipped, the conserved counts, and the rejects by reason."""
+    table = Table(title=f"{stage} → {cfg.output_dir}/{stage}")
     for col in ("dataset", "shards (skipped)", "products in/out", "views in/out", "rejected products/views"):
         table.add_column(col)
     reasons = []
@@ -100,7 +76,173 @@ def _print_ingest(reports: list, cfg: RunConfig) -> None:
     out = Console(width=max(Console().width, 110))
     out.print(table)
     if reasons:
-        out.print("rejects by reason (rows in <dataset>/rejects/*.parquet):\n" + "\n".join(reasons))
+        out.print(f"rejects by reason (rows in {stage}/<dataset>/rejects/*.parquet):\n" + "\n".join(reasons))
+
+
+def _failed(reports: list) -> bool:
+    return any("error" in r.stats for r in reports)
+
+
+@app.command()
+def sample(
+    out: Annotated[Path, typer.Option(help="folder to write the catalogue into")] = Path("build/sample-catalogue"),
+    products: Annotated[int, typer.Option(min=20, help="products in the catalogue")] = 200,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+) -> None:
+    """Generate the sample catalogue (garments with known attributes and planted faults) in five layouts."""
+    from fashionmv_builder.sources.sample import generate_sample
+
+    truth = generate_sample(out, products=products, seed=seed)
+    console.print(f"sample catalogue: {len(truth['products'])} products in five layouts under {out}")
+
+
+@app.command()
+def ingest(
+    config: ConfigArg, out: OutOpt = None, set_: SetOpt = None, dataset: DatasetOpt = None, verbose: bool = False
+) -> None:
+    """Crawl the configured sources and write product/image shards, rejects and stats.json."""
+    _setup_logging(verbose)
+    cfg = _load(config, out, set_)
+    from fashionmv_builder.ingest import run_ingest
+
+    reports = run_ingest(cfg, dataset)
+    _print_stage("ingest", reports, cfg)
+    if _failed(reports):
+        raise typer.Exit(1)
+
+
+@app.command()
+def dedupe(
+    config: ConfigArg, out: OutOpt = None, set_: SetOpt = None, dataset: DatasetOpt = None, verbose: bool = False
+) -> None:
+    """Drop duplicate views and re-listed products, apply the view and image rules; write dedupe shards."""
+    _setup_logging(verbose)
+    cfg = _load(config, out, set_)
+    from fashionmv_builder.dedupe import run_dedupe
+
+    reports = run_dedupe(cfg, dataset)
+    _print_stage("dedupe", reports, cfg)
+    if _failed(reports):
+        raise typer.Exit(1)
+
+
+def _run_lmm_stages(cfg: RunConfig, names: list[str], datasets: list[str] | None, pilot: float | None) -> None:
+    """Run LMM stages against the configured endpoints, or a server started (and stopped) for the purpose."""
+    from fashionmv_builder.caption import CaptionStage
+    from fashionmv_builder.lmm.calls import CircuitOpen
+    from fashionmv_builder.lmm.client import LmmUnreachable
+    from fashionmv_builder.lmm.server import ServerError
+    from fashionmv_builder.lmm.serving import lmm_endpoints
+    from fashionmv_builder.lmm.stage import run_stage
+    from fashionmv_builder.verify import VerifyStage
+
+    stages = {"caption": CaptionStage, "verify": VerifyStage}
+    try:
+        with lmm_endpoints(cfg) as endpoints:
+            for name in names:
+                reports = asyncio.run(run_stage(stages[name](cfg), endpoints, datasets, pilot))
+                _print_stage(name, reports, cfg)
+                _print_cost(name, reports, cfg, pilot)
+    except (LmmUnreachable, CircuitOpen, ServerError, ConfigError) as err:
+        console.print(f"[red]{type(err).__name__}:[/red] {err}")
+        raise typer.Exit(1) from None
+
+
+def _print_cost(stage: str, reports: list, cfg: RunConfig, pilot: float | None) -> None:
+    """Tokens and server time of the stage; with a pilot, projected to every product of the input."""
+    from fashionmv_builder.shards import ShardStore
+
+    done = sum(r.stats["counts"].get("products_in", 0) for r in reports)
+    tokens_in = sum(r.stats["counts"].get("tokens_in", 0) for r in reports)
+    tokens_out = sum(r.stats["counts"].get("tokens_out", 0) for r in reports)
+    seconds = max((r.stats.get("server_seconds", 0) for r in reports), default=0)
+    console.print(f"{stage}: {done} products, {tokens_in} tokens in, {tokens_out} out, {seconds:.0f} server-seconds")
+    if pilot is None or not done:
+        return
+    input_stage = {"caption": "dedupe", "verify": "caption"}[stage]
+    total = sum(
+        m.counts.get("products_out", 0)
+        for r in reports
+        for m in ShardStore(cfg.output_dir, input_stage, r.dataset).markers()
+    )
+    scale = total / done
+    console.print(
+        f"{stage} projected for all {total} products: {tokens_in * scale:.3g} tokens in, {tokens_out * scale:.3g} out, "
+        f"{seconds * scale / 3600:.3g} server-hours on this server"
+    )
+
+
+@app.command()
+def caption(
+    config: ConfigArg,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+    dataset: DatasetOpt = None,
+    pilot: PilotOpt = None,
+    verbose: bool = False,
+) -> None:
+    """Stage 1: caption every product from all its views with the LMM."""
+    _setup_logging(verbose)
+    _run_lmm_stages(_load(config, out, set_), ["caption"], dataset, pilot)
+
+
+@app.command()
+def verify(
+    config: ConfigArg,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+    dataset: DatasetOpt = None,
+    pilot: PilotOpt = None,
+    verbose: bool = False,
+) -> None:
+    """Stage 2: check the captions' orientation claims against the images; remove hallucinated products."""
+    _setup_logging(verbose)
+    _run_lmm_stages(_load(config, out, set_), ["verify"], dataset, pilot)
+
+
+@app.command("serve-lmm")
+def serve_lmm(
+    config: ConfigArg,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+    stop: Annotated[bool, typer.Option("--stop", help="stop the server this config started")] = False,
+) -> None:
+    """Start the vLLM server of the config's lmm.serve section and leave it running (or --stop it)."""
+    _setup_logging(True)
+    from fashionmv_builder.lmm.server import ServerError
+    from fashionmv_builder.lmm.serving import server_for
+
+    cfg = _load(config, out, set_)
+    try:
+        server = server_for(cfg)
+        if stop:
+            server.stop()
+            console.print("stopped")
+            return
+        url = server.start(timeout_s=cfg.lmm.serve.startup_timeout_s)
+    except (ServerError, ConfigError) as err:
+        console.print(f"[red]{type(err).__name__}:[/red] {err}")
+        raise typer.Exit(1) from None
+    console.print(
+        f"vLLM serving {cfg.lmm.serve.served_name!r} at {url} (pidfile {server.pidfile}, log {server.logfile})"
+    )
+
+
+@app.command("score-captions")
+def score_captions(
+    config: ConfigArg,
+    truth: Annotated[Path, typer.Option(help="the sample's ground_truth.json")] = Path(
+        "build/sample-catalogue/ground_truth.json"
+    ),
+    out: OutOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Score Stage 1 captions and Stage 2 verdicts against the sample catalogue's ground truth."""
+    from fashionmv_builder.score_captions import score_build
+
+    cfg = _load(config, out, set_)
+    results = score_build(cfg, json.loads(truth.read_text()))
+    Console().print_json(json.dumps(results))
 
 
 @app.command()
@@ -108,17 +250,25 @@ def run(config: ConfigArg, out: OutOpt = None, set_: SetOpt = None, verbose: boo
     """Run every stage built so far, in order, and say which stages are not built yet."""
     _setup_logging(verbose)
     cfg = _load(config, out, set_)
+    from fashionmv_builder.dedupe import run_dedupe
     from fashionmv_builder.ingest import run_ingest
 
     reports = run_ingest(cfg)
-    _print_ingest(reports, cfg)
+    _print_stage("ingest", reports, cfg)
+    ingested = [r.dataset for r in reports if "error" not in r.stats]
+    dedupe_reports = run_dedupe(cfg, ingested) if ingested else []
+    _print_stage("dedupe", dedupe_reports, cfg)
+    if cfg.lmm is not None and ingested:
+        _run_lmm_stages(cfg, ["caption", "verify"], ingested, None)
+    else:
+        console.print("[yellow]no lmm section in the config: captioning and verification skipped[/yellow]")
     missing = [(name, what, issue) for name, what, issue in PIPELINE if issue]
     if missing:
         console.print("[yellow]not built yet:[/yellow]")
         for name, what, issue in missing:
             console.print(f"  {name:<9} {what} (issue {issue})")
-    console.print(f"outputs under {cfg.output_dir}")
-    if any("error" in r.stats for r in reports):
+    console.print(f"outputs under {cfg.output_dir}: <stage>/<dataset>/<table>/part-*.parquet, stats.json per stage")
+    if _failed([*reports, *dedupe_reports]):
         raise typer.Exit(1)
 
 
@@ -161,6 +311,9 @@ def evaluate(
     mode: Annotated[str, typer.Option(help="two-turn, single-turn, text-only or image-only queries")] = "two-turn",
     workers: Annotated[int, typer.Option(min=0, help="data-loader processes for images")] = 0,
     device: Annotated[str | None, typer.Option(help="torch device (default: the GPU if any, else CPU)")] = None,
+    sources_from_queries: Annotated[
+        bool, typer.Option(help="use a source's query-pass s as its gallery entry instead of a document pass (faster)")
+    ] = False,
     verbose: bool = False,
 ) -> None:
     """Evaluate a ProCIR model with FashionMV's protocol: R@1/5/10 per dataset, written to eval_results.json."""
@@ -185,6 +338,7 @@ def evaluate(
         mode=mode,
         workers=workers,
         device=torch.device(device) if device else None,
+        sources_from_queries=sources_from_queries,
     )
     if results is None:
         return  # not rank 0

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from data_schema.lmm_answers import WordBounds
+
 
 class ConfigError(ValueError):
     """Bad configuration: raised before any work, naming the key."""
@@ -92,6 +94,91 @@ class HttpConfig(_Strict):
     allow_private_addresses: bool = False
 
 
+class DedupeConfig(_Strict):
+    """Thresholds of the dedupe stage; the defaults come from docs/dedupe-quality.md (benchmarks/dedupe_quality.py)."""
+
+    # Within a product: two views are one when pHash + dHash distances add up to at most this (and the thumbnails
+    # agree). Small, because the front and back of a plain garment can hash within 3 bits of each other.
+    within_max_distance: int = Field(default=2, ge=0, le=128)
+    # Across products: a view pair is a candidate when its pHash OR its dHash is within these radii ...
+    cross_phash_radius: int = Field(default=8, ge=0, le=32)
+    cross_dhash_radius: int = Field(default=8, ge=0, le=32)
+    # ... and confirmed when the 64×64 thumbnails differ by at most this (largest 4×4-block mean difference, 0-255).
+    verify_max_difference: float = Field(default=18.0, ge=0)
+    # Two products are one when at least this many of their views pair up one-to-one ...
+    min_matched_views: int = Field(default=2, ge=1)
+    # ... and the pairs cover at least this fraction of the views of the product with fewer views.
+    min_matched_fraction: float = Field(default=1.0, gt=0, le=1)
+    min_image_side: int = Field(default=128, ge=1)
+    max_aspect_ratio: float = Field(default=3.0, ge=1)
+    min_views: int = Field(default=2, ge=1)
+    max_views: int = Field(default=5, ge=1)
+    # Source categories that are clothing (case-insensitive; a category matches by itself or by its first
+    # `/`-separated part). None: no category filter. Products without a category always pass (the captioner decides).
+    clothing_categories: tuple[str, ...] | None = None
+
+    @model_validator(mode="after")
+    def _view_range(self) -> DedupeConfig:
+        if self.min_views > self.max_views:
+            raise ValueError(f"dedupe: min_views ({self.min_views}) is above max_views ({self.max_views})")
+        return self
+
+
+class LmmServeConfig(_Strict):
+    """A vLLM server the run starts itself (and stops at the end) when no endpoint is given."""
+
+    model: Path
+    served_name: str = "tiny-vlm"
+    python: Path = Path("../.venv-vllm/bin/python")  # the vLLM venv's interpreter
+    port: int = Field(default=8011, gt=0, lt=65536)
+    dtype: str = "auto"
+    max_model_len: int = Field(default=16384, gt=0)
+    max_images: int = Field(default=60, gt=0)  # Stage 3 shows a source and 10 candidates of up to 5 views
+    extra_args: tuple[str, ...] = ()
+    env: dict[str, str] = Field(default_factory=dict)
+    startup_timeout_s: float = Field(default=600.0, gt=0)
+
+
+class LmmConfig(_Strict):
+    endpoints: tuple[str, ...] = ()  # running OpenAI-compatible servers (data-parallel replicas); empty: `serve`
+    serve: LmmServeConfig | None = None
+    model: str = "tiny-vlm"  # the served model name
+    model_revision: str = ""  # recorded in every request key: a new revision is a new request
+    max_in_flight: int = Field(default=32, gt=0)
+    timeout_s: float = Field(default=300.0, gt=0)
+    retries: int = Field(default=3, ge=0)  # on connection errors, timeouts, 429 and 5xx
+    backoff_s: float = Field(default=1.0, ge=0)
+    invalid_retries: int = Field(default=2, ge=0)  # re-asks (with the next seed) after an answer fails validation
+    temperature: float = Field(default=0.0, ge=0)
+    seed: int = 0
+    image_max_pixels: int = Field(default=256 * 320, gt=0)
+    share_disk: bool = True  # send images as file:// URLs (the server must see the output folder)
+    breaker_min_products: int = Field(default=20, gt=0)  # the circuit breakers judge no earlier than this
+    words: WordBounds = WordBounds()
+
+    @model_validator(mode="after")
+    def _endpoint_or_serve(self) -> LmmConfig:
+        if not self.endpoints and self.serve is None:
+            raise ValueError("lmm: give endpoints or a serve section")
+        return self
+
+
+class CaptionConfig(_Strict):
+    prompt: str = "caption.v1"
+    max_tokens: int = Field(default=4096, gt=0)
+    reject_not_clothing: bool = False  # record is_clothing, and reject on it only when this is set
+    breaker_threshold: float = Field(default=0.2, gt=0, le=1)  # stop when this share of answers is invalid
+
+
+class VerifyConfig(_Strict):
+    prompt: str = "verify.v1"
+    max_tokens: int = Field(default=1024, gt=0)
+    # stop when this share of products is removed or answered invalidly (FashionMV's verifier removed 4.37%)
+    breaker_threshold: float = Field(default=0.3, gt=0, le=1)
+    # false: record every verdict but remove nothing (to measure a verifier before trusting it)
+    remove: bool = True
+
+
 class RunConfig(_Strict):
     name: str = "run"
     output_dir: str
@@ -100,6 +187,10 @@ class RunConfig(_Strict):
     sources: tuple[SourceConfig, ...] = Field(min_length=1)
     ingest: IngestConfig = IngestConfig()
     http: HttpConfig = HttpConfig()
+    dedupe: DedupeConfig = DedupeConfig()
+    lmm: LmmConfig | None = None
+    caption: CaptionConfig = CaptionConfig()
+    verify: VerifyConfig = VerifyConfig()
 
     @model_validator(mode="after")
     def _unique_datasets(self) -> RunConfig:
@@ -140,6 +231,11 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         for key in ("root", "path"):
             if isinstance(source, dict) and key in source:
                 source[key] = str((base / str(source[key])).resolve())
+    serve = (data.get("lmm") or {}).get("serve")
+    if isinstance(serve, dict):
+        for key in ("model", "python"):
+            if key in serve:
+                serve[key] = str((base / str(serve[key])).absolute())  # absolute, not resolved: keep venv links
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -45,7 +45,8 @@ class VerifyStage(LmmStage):
         return self.config.verify.breaker_threshold
 
     def is_bad(self, outcome: CallOutcome) -> bool:
-        return outcome.answer is None or outcome.answer.verdict == "remove"
+        removing = self.config.verify.remove and outcome.answer is not None and outcome.answer.verdict == "remove"
+        return outcome.answer is None or removing
 
     def stage_hash(self) -> str:
         v, lmm = self.config.verify, self.config.lmm
@@ -64,6 +65,7 @@ class VerifyStage(LmmStage):
                 "seed": lmm.seed,
                 "invalid_retries": lmm.invalid_retries,
                 "image_max_pixels": lmm.image_max_pixels,
+                "remove": v.remove,
             }
         )
 
@@ -103,6 +105,8 @@ class VerifyStage(LmmStage):
         answer = outcome.answer
         product_id = item.product["product_id"]
         if answer.verdict == "remove":
+            ledger.counts["verdicts_remove"] += 1
+        if answer.verdict == "remove" and self.config.verify.remove:
             claims = "; ".join(answer.wrong_claims) or "none listed"
             ledger.reject(
                 RejectLevel.PRODUCT,

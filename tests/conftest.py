@@ -68,3 +68,35 @@ def static_http_server():
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+TINY_VLM = REPO / "build" / "models" / "tiny-qwen2.5-vl"
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory):
+    """One real vLLM server (CPU build, tiny random-weight Qwen2.5-VL) shared by every test that needs one.
+
+    It may read images under the session's temporary folder (file:// URLs). Tests that kill it call `.start()`
+    again; the fixture stops whatever is running at the end."""
+    from fashionmv_builder.lmm.server import ServerSpec, VllmServer, free_port
+
+    if not VLLM_PYTHON.exists() or not (TINY_VLM / "config.json").exists():
+        pytest.fail("the vLLM venv or the tiny model is missing: run `make setup` (tests need the real server)")
+    base = tmp_path_factory.getbasetemp()
+    spec = ServerSpec(
+        python=VLLM_PYTHON,
+        model=TINY_VLM,
+        served_name="tiny-vlm",
+        port=free_port(),
+        dtype="float32",
+        max_model_len=16384,
+        max_images=60,
+        local_media_dir=base,
+        env={"VLLM_CPU_KVCACHE_SPACE": "2"},
+    )
+    server = VllmServer(spec, base / "vllm-server")
+    server.start(timeout_s=600)
+    yield server
+    server.stop()

@@ -67,8 +67,9 @@ class CallOutcome:
 
 
 class CircuitBreaker:
-    def __init__(self, threshold: float, min_items: int) -> None:
+    def __init__(self, threshold: float, min_items: int, setting: str = "the breaker threshold") -> None:
         self.threshold = threshold
+        self.setting = setting
         self.min_items = min_items
         self.seen = 0
         self.bad = 0
@@ -79,7 +80,7 @@ class CircuitBreaker:
         if self.seen >= self.min_items and self.bad / self.seen > self.threshold:
             raise CircuitOpen(
                 f"{self.bad} of {self.seen} products were {what} (over the threshold {self.threshold:.0%}); "
-                "stopping the stage. Check the model, the prompt and lmm.max_tokens, or raise lmm.breaker_threshold."
+                f"stopping the stage. Check the model, the prompt and max_tokens, or raise {self.setting}."
             )
 
 

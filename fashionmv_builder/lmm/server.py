@@ -8,6 +8,7 @@ a server left behind by a killed run is reused when it is healthy and serves the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -95,10 +96,8 @@ def served_models(url: str) -> list[str]:
 
 
 def _group_alive(pgid: int) -> bool:
-    try:  # reap the group leader if it is our own exited child: a zombie would keep the group "alive"
+    with contextlib.suppress(ChildProcessError):  # reap our own exited child: a zombie keeps the group "alive"
         os.waitpid(pgid, os.WNOHANG)
-    except ChildProcessError:
-        pass
     try:
         os.killpg(pgid, 0)
         return True

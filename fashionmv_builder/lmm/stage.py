@@ -257,7 +257,7 @@ async def run_stage(
         client=client,
         media=media_cache(config),
         answers=AnswerStore(config.output_dir, stage.name),
-        breaker=CircuitBreaker(stage.breaker_threshold(), lmm.breaker_min_products),
+        breaker=CircuitBreaker(stage.breaker_threshold(), lmm.breaker_min_products, f"{stage.name}.breaker_threshold"),
         endpoints=len(endpoints),
     )
     plans = []
