@@ -47,7 +47,9 @@ def _mentions(text: str, words: Iterable[str]) -> bool:
 
 def score_product(truth: dict, layout: str, caption: dict, views: list[dict]) -> dict:
     """Scores for one product; `views` are its view references (file_name per view_index)."""
-    label_of_file = dict(zip(truth["files"][layout], truth["views"], strict=True))
+    files = truth["files"].get(layout) or []
+    # Where a layout could not hold a planted fault file, its file list is shorter and cannot be aligned: skip.
+    label_of_file = dict(zip(files, truth["views"], strict=True)) if len(files) == len(truth["views"]) else {}
     file_of_view = {v["view_index"]: v["file_name"] for v in views}
     claims = []
     for vc in caption["view_captions"]:

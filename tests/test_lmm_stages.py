@@ -1,6 +1,7 @@
 """Stage 1 (captions) and Stage 2 (verifier) against a real vLLM server with a tiny random-weight model."""
 
 import asyncio
+import json
 import re
 import threading
 import time
@@ -18,6 +19,7 @@ from fashionmv_builder.lmm.calls import AnswerStore, CircuitOpen
 from fashionmv_builder.lmm.client import LmmUnreachable
 from fashionmv_builder.lmm.server import free_port
 from fashionmv_builder.lmm.stage import run_stage
+from fashionmv_builder.score_captions import score_build
 from fashionmv_builder.shards import ShardStore
 from fashionmv_builder.verify import VerifyStage
 
@@ -108,6 +110,12 @@ def test_caption_then_verify_on_the_sample(deduped, vllm_server, tmp_path):
     assert v["products_in"] == v["products_out"] + v["products_rejected"]
     rejects = ShardStore(config.output_dir, "verify", "deepfashion").read_table("rejects").to_pylist()
     assert {r["reason"] for r in rejects} <= {RejectReason.REMOVED_BY_VERIFIER, RejectReason.INVALID_LMM_ANSWER}
+
+    # The scorer runs on the real answers (a random model scores at chance; the scorer's own tests check it is right).
+    truth = json.loads((_sample_root(tmp_path) / "ground_truth.json").read_text())
+    scores = score_build(config, truth)["deepfashion"]
+    assert scores["products"] == len(captions)
+    assert 0 <= scores["orientation_accuracy"] <= 1 and scores["verifier_recall"] is not None
 
     # A rerun replays nothing and asks nothing: every shard is complete.
     before = _server_requests(vllm_server.spec.url)
