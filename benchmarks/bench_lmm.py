@@ -38,7 +38,13 @@ def _config(out: Path, url: str, max_in_flight: int) -> RunConfig:
             "shard_size": 25,
             "workers": 2,
             "sources": [{"kind": "deepfashion", "dataset": "deepfashion", "root": str(CATALOGUE)}],
-            "lmm": {"endpoints": [url], "words": WORDS, "max_in_flight": max_in_flight, "breaker_min_products": 10**6},
+            "lmm": {
+                "endpoints": [url],
+                "words": WORDS,
+                "max_in_flight": max_in_flight,
+                "breaker_min_products": 10**6,
+                "send_seed": False,
+            },
             "caption": {"max_tokens": 1024},
         }
     )
@@ -67,7 +73,6 @@ async def _raw(url: str, requests: list, concurrency: int) -> float:
                 messages=list(r.messages),
                 max_tokens=r.max_tokens,
                 temperature=r.temperature,
-                seed=r.seed,
                 response_format={"type": "json_schema", "json_schema": {"name": r.schema_name, "schema": r.schema}},
             )
 

@@ -216,6 +216,41 @@ STATS = _schema(
     ],
 )
 
+# Stage 3. Every product that reached Stage 3, with its split: the galleries of both splits.
+SPLIT_PRODUCTS = _schema(
+    "split_products",
+    [
+        *_PRODUCT_KEY,
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("group_key", pa.string(), nullable=False),
+        pa.field("cluster_id", pa.string(), nullable=False),
+        pa.field("category", pa.string()),
+        pa.field("gender", pa.string()),
+    ],
+)
+
+# Each source's candidates, in the order the listwise LMM call shows them.
+CANDIDATES = _schema(
+    "candidates",
+    [
+        *_PRODUCT_KEY,
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("candidate_ids", pa.list_(pa.string()), nullable=False),
+        pa.field("union_size", pa.int32(), nullable=False),  # the union of the three paths, before sampling
+    ],
+)
+
+# Per-product embeddings (L2-normalised), cached so that mining never computes them twice.
+EMBEDDINGS = _schema(
+    "embeddings",
+    [
+        *_PRODUCT_KEY,
+        pa.field("image", pa.list_(pa.float32()), nullable=False),
+        pa.field("long_caption", pa.list_(pa.float32()), nullable=False),
+        pa.field("short_caption", pa.list_(pa.float32()), nullable=False),
+    ],
+)
+
 ALL = {
     s.metadata[TABLE_NAME_KEY].decode(): s
     for s in (
@@ -225,6 +260,9 @@ ALL = {
         DEDUP_VIEWS,
         CAPTIONS,
         VERDICTS,
+        SPLIT_PRODUCTS,
+        CANDIDATES,
+        EMBEDDINGS,
         TRIPLETS,
         HARD_NEGATIVES,
         REJECTS,

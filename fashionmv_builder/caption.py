@@ -9,6 +9,7 @@ config says so.
 from __future__ import annotations
 
 import hashlib
+from typing import ClassVar
 
 from data_schema.lmm_answers import caption_answer, schema_digest, schema_of
 from data_schema.reasons import RejectLevel, RejectReason
@@ -27,8 +28,7 @@ class CaptionStage(LmmStage):
     name = "caption"
     input_stage = "dedupe"
     input_table = "products"
-    output_table = "captions"
-    output_schema = CAPTIONS
+    output_schemas: ClassVar[dict] = {"captions": CAPTIONS}
     bad_outcome = "answered invalidly"
 
     def breaker_threshold(self) -> float:
@@ -50,6 +50,7 @@ class CaptionStage(LmmStage):
                 "temperature": lmm.temperature,
                 "seed": lmm.seed,
                 "invalid_retries": lmm.invalid_retries,
+                "retry_temperature": lmm.retry_temperature,
                 "image_max_pixels": lmm.image_max_pixels,
                 "reject_not_clothing": c.reject_not_clothing,
             }
@@ -86,7 +87,7 @@ class CaptionStage(LmmStage):
         )
         return Ask(request, canonical, model)
 
-    def accept(self, item: Item, outcome: CallOutcome, ledger: ShardLedger) -> dict | None:
+    def accept(self, item: Item, outcome: CallOutcome, ledger: ShardLedger) -> dict[str, list[dict]] | None:
         answer = outcome.answer
         product = item.product
         if self.config.caption.reject_not_clothing and not answer.is_clothing:
@@ -97,7 +98,7 @@ class CaptionStage(LmmStage):
                 f"the captioner judged it not clothing (category {answer.category!r})",
             )
             return None
-        return {
+        row = {
             "dataset": product["dataset"],
             "product_id": product["product_id"],
             "view_captions": [
@@ -120,3 +121,4 @@ class CaptionStage(LmmStage):
             "tokens_in": outcome.tokens_in,
             "tokens_out": outcome.tokens_out,
         }
+        return {"captions": [row]}

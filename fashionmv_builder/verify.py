@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import ClassVar
 
 from data_schema.lmm_answers import schema_digest, schema_of, verdict_answer
 from data_schema.reasons import RejectLevel, RejectReason
@@ -37,8 +38,7 @@ class VerifyStage(LmmStage):
     name = "verify"
     input_stage = "caption"
     input_table = "captions"
-    output_table = "verdicts"
-    output_schema = VERDICTS
+    output_schemas: ClassVar[dict] = {"verdicts": VERDICTS}
     bad_outcome = "removed or answered invalidly"
 
     def breaker_threshold(self) -> float:
@@ -64,6 +64,7 @@ class VerifyStage(LmmStage):
                 "temperature": lmm.temperature,
                 "seed": lmm.seed,
                 "invalid_retries": lmm.invalid_retries,
+                "retry_temperature": lmm.retry_temperature,
                 "image_max_pixels": lmm.image_max_pixels,
                 "remove": v.remove,
             }
@@ -101,7 +102,7 @@ class VerifyStage(LmmStage):
         )
         return Ask(request, canonical, model)
 
-    def accept(self, item: Item, outcome: CallOutcome, ledger: ShardLedger) -> dict | None:
+    def accept(self, item: Item, outcome: CallOutcome, ledger: ShardLedger) -> dict[str, list[dict]] | None:
         answer = outcome.answer
         product_id = item.product["product_id"]
         if answer.verdict == "remove":
@@ -115,7 +116,7 @@ class VerifyStage(LmmStage):
                 f"{answer.reason} (wrong claims: {claims})",
             )
             return None
-        return {
+        row = {
             "dataset": item.product["dataset"],
             "product_id": product_id,
             "verdict": answer.verdict,
@@ -127,3 +128,4 @@ class VerifyStage(LmmStage):
             "tokens_in": outcome.tokens_in,
             "tokens_out": outcome.tokens_out,
         }
+        return {"verdicts": [row]}

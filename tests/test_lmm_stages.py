@@ -43,7 +43,7 @@ def _config(out, endpoint: str, **lmm) -> RunConfig:
             "sources": [
                 {"kind": "deepfashion", "dataset": "deepfashion", "root": str(_sample_root(out) / "deepfashion")}
             ],
-            "lmm": {"endpoints": [endpoint], "words": WORDS, "breaker_min_products": 10, **lmm},
+            "lmm": {"endpoints": [endpoint], "words": WORDS, "breaker_min_products": 10, "send_seed": False, **lmm},
             "caption": {"max_tokens": 1024},
             "verify": {"max_tokens": 1024, "breaker_threshold": 1.0},
         }

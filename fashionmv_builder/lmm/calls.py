@@ -102,17 +102,26 @@ async def call_validated(
     model: type[BaseModel],
     *,
     invalid_retries: int,
+    retry_temperature: float,
+    send_seed: bool = True,
     check: Callable[[Any], str | None] = lambda _: None,
 ) -> CallOutcome:
-    """Ask (or replay) until the answer validates or the retries are used up."""
+    """Ask (or replay) until the answer validates or the retries are used up.
+
+    A re-ask changes the seed and samples at `retry_temperature`, so it is a new request with its own key."""
     outcome = CallOutcome(answer=None, error="", attempts=0)
     for attempt in range(invalid_retries + 1):
+        temperature = request.temperature if attempt == 0 else retry_temperature
         seeded = {**canonical, "seed": request.seed + attempt}
+        if attempt:
+            seeded["temperature"] = temperature
         key = request_key(seeded)
         outcome.key = outcome.key or key
         record = store.get(key)
         if record is None:
-            reply = await client.complete(replace(request, key=key, seed=request.seed + attempt))
+            seed = request.seed + attempt if send_seed else None
+            retry = replace(request, key=key, seed=seed, temperature=temperature)
+            reply = await client.complete(retry)
             record = {
                 "key": key,
                 "text": reply.text,

@@ -29,7 +29,7 @@ class LmmRequest:
     schema: dict
     max_tokens: int
     temperature: float
-    seed: int
+    seed: int | None  # None: not sent (the request key still records the attempt's seed)
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ class LmmClient:
             messages=list(request.messages),
             max_tokens=request.max_tokens,
             temperature=request.temperature,
-            seed=request.seed,
+            seed=request.seed if request.seed is not None else openai.omit,
             response_format={
                 "type": "json_schema",
                 "json_schema": {"name": request.schema_name, "schema": request.schema, "strict": True},

@@ -13,10 +13,10 @@ import asyncio
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import fsspec
 import pyarrow as pa
@@ -41,11 +41,16 @@ class Item:
     extra: dict = field(default_factory=dict)  # stage-specific input, e.g. the captions to verify
 
 
+def _no_check(_answer: Any) -> str | None:
+    return None
+
+
 @dataclass(frozen=True)
 class Ask:
     request: LmmRequest
     canonical: dict
     model: type[BaseModel]
+    check: Callable[[Any], str | None] = _no_check  # a rule the schema cannot express; its message if broken
 
 
 @dataclass
@@ -76,8 +81,7 @@ class LmmStage(ABC):
     name: str
     input_stage: str
     input_table: str  # the input shard's table with one row per product
-    output_table: str
-    output_schema: pa.Schema
+    output_schemas: ClassVar[dict[str, pa.Schema]]  # the tables a shard writes besides `rejects`
     bad_outcome: str  # what the circuit breaker counts, in words
 
     def __init__(self, config: RunConfig) -> None:
@@ -90,8 +94,8 @@ class LmmStage(ABC):
     def ask(self, item: Item, ctx: StageContext) -> Ask: ...
 
     @abstractmethod
-    def accept(self, item: Item, outcome: CallOutcome, ledger: ShardLedger) -> dict | None:
-        """The output row for a valid answer, or None after recording a reject on the ledger."""
+    def accept(self, item: Item, outcome: CallOutcome, ledger: ShardLedger) -> dict[str, list[dict]] | None:
+        """The output rows (per table) for a valid answer, or None after recording a reject on the ledger."""
 
     def extra_inputs(self, marker: ShardMarker) -> dict[tuple[str, str], Any]:
         """Per-product stage inputs beyond views and images, keyed by (dataset, product_id)."""
@@ -156,6 +160,9 @@ class LmmStage(ABC):
                     a.canonical,
                     a.model,
                     invalid_retries=self.config.lmm.invalid_retries,
+                    retry_temperature=self.config.lmm.retry_temperature,
+                    send_seed=self.config.lmm.send_seed,
+                    check=a.check,
                 )
             )
             for a in asks
@@ -170,7 +177,7 @@ class LmmStage(ABC):
             for t in tasks:
                 t.cancel()
         by_key = {o.key: o for o in outcomes}
-        rows = []
+        rows: dict[str, list[dict]] = {name: [] for name in self.output_schemas}
         for item, ask in zip(items, asks, strict=True):
             outcome = by_key[ask_key(ask)]
             n_views = len(item.views)
@@ -188,23 +195,22 @@ class LmmStage(ABC):
                     item.product["product_id"],
                     f"{outcome.attempts} answers failed validation; last: {outcome.error}",
                 )
-                row = None
+                produced = None
             else:
-                row = self.accept(item, outcome, ledger)
-            if row is None:
+                produced = self.accept(item, outcome, ledger)
+            if produced is None:
                 ledger.counts["views_dropped_with_product"] += n_views
                 continue
-            rows.append(row)
+            for name, new_rows in produced.items():
+                rows[name].extend(new_rows)
             ledger.counts["products_out"] += 1
             ledger.counts["views_out"] += n_views
         ledger.check()
         store = ShardStore(self.config.output_dir, self.name, marker.dataset)
+        tables = {name: pa.Table.from_pylist(rows[name], schema=schema) for name, schema in self.output_schemas.items()}
         return store.write(
             marker.shard,
-            {
-                self.output_table: pa.Table.from_pylist(rows, schema=self.output_schema),
-                "rejects": ledger.rejects_table(),
-            },
+            {**tables, "rejects": ledger.rejects_table()},
             config_hash=self.stage_hash(),
             input_fingerprint=self.fingerprint(marker),
             counts=ledger.counts,
@@ -287,3 +293,100 @@ async def run_stage(
             extra = {k: previous[k] for k in extra if k in previous}
         reports.append(StageReport(dataset, len(markers), len(markers) - len(todo), store.write_stats(extra)))
     return reports
+
+
+# -- per-shard entry points for task runners (the Prefect flow): run_stage's steps, one shard per call ----------
+
+
+@dataclass
+class StagePlan:
+    """One dataset's input shards for a stage, and those whose marker does not match (to do)."""
+
+    dataset: str
+    markers: list[ShardMarker]
+    todo: list[ShardMarker]
+
+
+def plan_stage(stage: LmmStage, datasets: list[str] | None = None) -> list[StagePlan]:
+    config = stage.config
+    plans = []
+    for source in config.sources:
+        if datasets and source.dataset not in datasets:
+            continue
+        markers = stage.input_markers(source.dataset)
+        store = ShardStore(config.output_dir, stage.name, source.dataset)
+        todo = [m for m in markers if not store.is_complete(m.shard, stage.stage_hash(), stage.fingerprint(m))]
+        plans.append(StagePlan(source.dataset, markers, todo))
+    return plans
+
+
+def finish_stage(stage: LmmStage, plans: list[StagePlan], wall: float, endpoints: int) -> list[StageReport]:
+    """After every planned shard is written: drop stale markers and sum the stats (time only when work was done)."""
+    reports = []
+    for plan in plans:
+        store = ShardStore(stage.config.output_dir, stage.name, plan.dataset)
+        store.remove_stale(m.shard for m in plan.markers)
+        extra = {"wall_seconds": round(wall, 3), "server_seconds": round(wall * endpoints, 3)}
+        if not plan.todo:
+            previous = store.read_stats() or {}
+            extra = {k: previous[k] for k in extra if k in previous}
+        skipped = len(plan.markers) - len(plan.todo)
+        reports.append(StageReport(plan.dataset, len(plan.markers), skipped, store.write_stats(extra)))
+    return reports
+
+
+def lmm_client(config: RunConfig, endpoints: list[str], max_in_flight: int | None = None) -> LmmClient:
+    lmm = config.lmm
+    return LmmClient(
+        endpoints,
+        lmm.model,
+        max_in_flight=max_in_flight or lmm.max_in_flight,
+        timeout_s=lmm.timeout_s,
+        retries=lmm.retries,
+        backoff_s=lmm.backoff_s,
+    )
+
+
+def stage_context(stage: LmmStage, client: LmmClient, endpoints: int) -> StageContext:
+    config = stage.config
+    return StageContext(
+        config=config,
+        client=client,
+        media=media_cache(config),
+        answers=AnswerStore(config.output_dir, stage.name),
+        breaker=CircuitBreaker(
+            stage.breaker_threshold(), config.lmm.breaker_min_products, f"{stage.name}.breaker_threshold"
+        ),
+        endpoints=endpoints,
+    )
+
+
+def check_endpoints(config: RunConfig, endpoints: list[str]) -> None:
+    """Fail early, with what to do, when a server is down or serves another model (LmmUnreachable)."""
+
+    async def check() -> None:
+        client = lmm_client(config, endpoints)
+        try:
+            await client.check()
+        finally:
+            await client.close()
+
+    asyncio.run(check())
+
+
+def run_lmm_shard(
+    stage: LmmStage, endpoints: list[str], marker: ShardMarker, max_in_flight: int | None = None
+) -> ShardMarker:
+    """One shard on a client of its own, in an event loop of its own: the unit a task runner schedules.
+
+    Its circuit breaker judges this shard's products only, from `lmm.breaker_min_products` of them on."""
+
+    async def run() -> ShardMarker:
+        client = lmm_client(stage.config, endpoints, max_in_flight)
+        try:
+            await client.check()
+            return await stage.run_shard(marker, stage_context(stage, client, len(endpoints)))
+        finally:
+            await client.close()
+
+    return asyncio.run(run())
