@@ -236,7 +236,8 @@ CANDIDATES = _schema(
         *_PRODUCT_KEY,
         pa.field("split", pa.string(), nullable=False),
         pa.field("candidate_ids", pa.list_(pa.string()), nullable=False),
-        pa.field("union_size", pa.int32(), nullable=False),  # the union of the three paths, before sampling
+        pa.field("union_ids", pa.list_(pa.string()), nullable=False),  # the union of the three paths, before sampling
+        pa.field("union_size", pa.int32(), nullable=False),
     ],
 )
 

