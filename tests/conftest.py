@@ -1,11 +1,15 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+# Torch's OpenMP threads busy-wait by default; on a shared 2-core machine that made forwards 20x slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def jpeg_bytes(seed: int, size: tuple[int, int] = (64, 80), quality: int = 90) -> bytes:
