@@ -86,13 +86,15 @@ def schema_digest(model: type[BaseModel]) -> str:
 VIEWS_INVOLVED = ("front", "back", "side", "detail", "full")
 
 
-def selection_answer(bounds: WordBounds, n_candidates: int, max_targets: int, min_targets: int = 0) -> type[_Answer]:
+def selection_answer(
+    bounds: WordBounds, n_candidates: int, max_targets: int, min_targets: int = 0, min_views: int = 1
+) -> type[_Answer]:
     """`min_targets`..`max_targets` choices among candidates 1..n, each with two modification texts and its views."""
     choice = create_model(
         "Choice",
         __base__=_Answer,
         candidate=(Literal[tuple(range(1, n_candidates + 1))], ...),
-        views_involved=(list[Literal[VIEWS_INVOLVED]], Field(min_length=1, max_length=len(VIEWS_INVOLVED))),
+        views_involved=(list[Literal[VIEWS_INVOLVED]], Field(min_length=min_views, max_length=len(VIEWS_INVOLVED))),
         modification_short=(words(*bounds.modification_short), ...),
         modification_long=(words(*bounds.modification_long), ...),
     )

@@ -292,6 +292,38 @@ def run(config: ConfigArg, out: OutOpt = None, set_: SetOpt = None, verbose: boo
         raise typer.Exit(1)
 
 
+@app.command("export-fashionmv")
+def export_fashionmv_cmd(
+    config: ConfigArg,
+    to: Annotated[Path, typer.Option("--to", help="folder for FashionMV's layout")] = Path("build/fashionmv-export"),
+    out: OutOpt = None,
+    set_: SetOpt = None,
+    dataset: DatasetOpt = None,
+) -> None:
+    """Write FashionMV's own layout (triplet and caption JSONL, images/<dataset>/<id>/) for its tools to read."""
+    from fashionmv_builder.triplets.export import export_fashionmv
+
+    counts = export_fashionmv(_load(config, out, set_), to, dataset)
+    console.print(f"FashionMV layout under {to}: {counts}")
+
+
+@app.command()
+def report(
+    config: ConfigArg,
+    to: Annotated[Path | None, typer.Option("--to", help="folder for report.json and report.md")] = None,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Counts, text statistics, LMM cost and a modality-redundancy check of a build (JSON + Markdown)."""
+    from fashionmv_builder.triplets.report import to_markdown, write_report
+
+    cfg = _load(config, out, set_)
+    folder = to or Path(cfg.output_dir) / "report"
+    result = write_report(cfg, folder)
+    Console().print(to_markdown(result))
+    console.print(f"report written to {folder}/report.json and report.md")
+
+
 @app.command()
 def stages() -> None:
     """List the pipeline's stages and which are built."""

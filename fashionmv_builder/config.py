@@ -194,6 +194,8 @@ class TripletsConfig(_Strict):
     max_targets: int = Field(default=2, gt=0)
     # 0 lets the model answer "none fits"; 1 makes it always choose (a random-weight model otherwise never does)
     min_targets: int = Field(default=0, ge=0)
+    # a difference must span this many views (FashionMV asks for >= 2); the schema enforces it
+    min_views_involved: int = Field(default=2, ge=1, le=5)
     same_category: bool = False  # restrict candidates to the source's category (from Stage 1)
     same_gender: bool = False
     prompt: str = "select.v1"

@@ -87,7 +87,7 @@ def test_triplets_respect_splits_and_products(build):
         assert split[t["source_id"]] == split[t["target_id"]] == t["split"]
         assert t["source_id"] != t["target_id"]
         assert t["target_id"] in t["candidate_ids"]
-        assert t["views_involved"] == sorted(set(t["views_involved"]))
+        assert t["views_involved"] == sorted(set(t["views_involved"])) and len(t["views_involved"]) >= 2
     negatives = _table(build, "triplets", "hard_negatives")
     target_of = {t["triplet_id"]: t["target_id"] for t in triplets}
     assert negatives and all(n["negative_id"] != target_of[n["triplet_id"]] for n in negatives)
@@ -144,3 +144,16 @@ def test_fashionmv_export_round_trips(build, tmp_path):
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "images").rglob("*.jpg")}
     export_fashionmv(build, tmp_path)  # a rerun rewrites no image
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "images").rglob("*.jpg")} == before
+
+
+def test_report_runs_on_the_build(build, tmp_path):
+    from fashionmv_builder.triplets.report import write_report
+
+    report = write_report(build, tmp_path)
+    d = report["datasets"]["deepfashion"]
+    assert d["share_multi_view"] == 1.0  # the schema asks for at least two views
+    assert d["funnel"]["ingest"]["in"] >= d["funnel"]["triplets"]["in"] > 0
+    m = d["modality_redundancy"]
+    assert m["gallery"] < 200 and "not meaningful" in m["note"]
+    assert set(m) >= {"text_only", "image_only", "composed"}
+    assert (tmp_path / "report.md").read_text().startswith("# Build report")

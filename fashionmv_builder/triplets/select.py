@@ -156,7 +156,7 @@ class SelectStage(LmmStage):
                 line = f"Candidate {c}: {self._captions[dataset][pid]}"
                 content.append(text_part(line))
             texts.append(line)
-        model = selection_answer(lmm.words, len(candidates), t.max_targets, t.min_targets)
+        model = selection_answer(lmm.words, len(candidates), t.max_targets, t.min_targets, t.min_views_involved)
         canonical = {
             "model": lmm.model,
             "revision": lmm.model_revision,
@@ -177,9 +177,18 @@ class SelectStage(LmmStage):
             temperature=lmm.temperature,
             seed=lmm.seed,
         )
-        return Ask(request, canonical, model, check=repeated_candidate)
+        return Ask(request, canonical, model, check=self.check)
 
     # -- the answer ----------------------------------------------------------------------------------------------
+
+    def check(self, answer) -> str | None:
+        """Rules the schema cannot express: no candidate twice, and distinct views spanning enough of them."""
+        if problem := repeated_candidate(answer):
+            return problem
+        for choice in answer.choices:
+            if len(set(choice.views_involved)) < self.config.triplets.min_views_involved:
+                return f"views_involved {choice.views_involved} spans fewer than the required distinct views"
+        return None
 
     def accept(self, item: Item, outcome: CallOutcome, ledger: ShardLedger) -> dict[str, list[dict]] | None:
         p = item.product
