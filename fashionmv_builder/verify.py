@@ -7,21 +7,15 @@ that pass; a removed product is rejected (`removed_by_verifier`) with the verifi
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import ClassVar
 
-from data_schema.lmm_answers import schema_digest, schema_of, verdict_answer
+from data_schema.lmm_answers import verdict_answer
 from data_schema.reasons import RejectLevel, RejectReason
 from data_schema.tables import VERDICTS
-from fashionmv_builder.config import digest
 from fashionmv_builder.ledger import ShardLedger
 from fashionmv_builder.lmm.calls import CallOutcome
-from fashionmv_builder.lmm.client import LmmRequest
 from fashionmv_builder.lmm.stage import Ask, Item, LmmStage, StageContext, image_parts, text_part
-from fashionmv_builder.prompts import load_prompt
-
-STAGE_VERSION = "1"
 
 
 def captions_text(row: dict) -> str:
@@ -36,71 +30,23 @@ def captions_text(row: dict) -> str:
 
 class VerifyStage(LmmStage):
     name = "verify"
+    version = "1"
+    settings = "verify"
     input_stage = "caption"
     input_table = "captions"
     output_schemas: ClassVar[dict] = {"verdicts": VERDICTS}
     bad_outcome = "removed or answered invalidly"
 
-    def breaker_threshold(self) -> float:
-        return self.config.verify.breaker_threshold
-
     def is_bad(self, outcome: CallOutcome) -> bool:
         removing = self.config.verify.remove and outcome.answer is not None and outcome.answer.verdict == "remove"
         return outcome.answer is None or removing
 
-    def stage_hash(self) -> str:
-        v, lmm = self.config.verify, self.config.lmm
-        prompt = load_prompt(v.prompt)
-        return digest(
-            {
-                "stage": self.name,
-                "version": STAGE_VERSION,
-                "prompt": prompt.id,
-                "prompt_sha": hashlib.sha256(prompt.text.encode()).hexdigest(),
-                "words": lmm.words.model_dump(),
-                "model": lmm.model,
-                "revision": lmm.model_revision,
-                "max_tokens": v.max_tokens,
-                "temperature": lmm.temperature,
-                "seed": lmm.seed,
-                "invalid_retries": lmm.invalid_retries,
-                "retry_temperature": lmm.retry_temperature,
-                "image_max_pixels": lmm.image_max_pixels,
-                "remove": v.remove,
-            }
-        )
-
     def ask(self, item: Item, ctx: StageContext) -> Ask:
-        lmm, prompt = self.config.lmm, load_prompt(self.config.verify.prompt)
-        model = verdict_answer(lmm.words)
         parts, hashes = image_parts(item.images, ctx.media)
         intro = f"A product with {len(item.views)} views."
         claims = captions_text(item.product)
-        messages = (
-            {"role": "system", "content": prompt.text},
-            {"role": "user", "content": [text_part(intro), *parts, text_part(claims)]},
-        )
-        canonical = {
-            "model": lmm.model,
-            "revision": lmm.model_revision,
-            "prompt": prompt.id,
-            "prompt_sha": hashlib.sha256(prompt.text.encode()).hexdigest(),
-            "schema": schema_digest(model),
-            "max_tokens": self.config.verify.max_tokens,
-            "temperature": lmm.temperature,
-            "images": hashes,
-            "text": [intro, claims],
-        }
-        request = LmmRequest(
-            key="",
-            messages=messages,
-            schema_name="verdict",
-            schema=schema_of(model),
-            max_tokens=self.config.verify.max_tokens,
-            temperature=lmm.temperature,
-            seed=lmm.seed,
-        )
-        return Ask(request, canonical, model)
+        model = verdict_answer(self.config.lmm.words)
+        return self.make_ask(model, [text_part(intro), *parts, text_part(claims)], hashes, [intro, claims])
 
     def accept(self, item: Item, outcome: CallOutcome, ledger: ShardLedger) -> dict[str, list[dict]] | None:
         answer = outcome.answer

@@ -74,6 +74,17 @@ def static_http_server():
         server.server_close()
 
 
+# LMM word bounds small enough for the tiny CPU model to answer quickly; the schemas still enforce them.
+SMALL_WORDS = {
+    "view_caption": [2, 6],
+    "long_caption": [10, 20],
+    "short_caption": [4, 8],
+    "verifier_reason": [1, 6],
+    "wrong_claim": [1, 4],
+    "modification_short": [4, 8],
+    "modification_long": [8, 16],
+}
+
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 TINY_VLM = REPO / "build" / "models" / "tiny-qwen2.5-vl"
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import SMALL_WORDS
 
 from data_schema.reasons import RejectReason
 from fashionmv_builder.caption import CaptionStage
@@ -25,14 +26,6 @@ from fashionmv_builder.verify import VerifyStage
 
 pytestmark = pytest.mark.slow
 
-WORDS = {
-    "view_caption": [2, 6],
-    "long_caption": [10, 20],
-    "short_caption": [4, 8],
-    "verifier_reason": [1, 6],
-    "wrong_claim": [1, 4],
-}
-
 
 def _config(out, endpoint: str, **lmm) -> RunConfig:
     return validate_config(
@@ -43,7 +36,13 @@ def _config(out, endpoint: str, **lmm) -> RunConfig:
             "sources": [
                 {"kind": "deepfashion", "dataset": "deepfashion", "root": str(_sample_root(out) / "deepfashion")}
             ],
-            "lmm": {"endpoints": [endpoint], "words": WORDS, "breaker_min_products": 10, "send_seed": False, **lmm},
+            "lmm": {
+                "endpoints": [endpoint],
+                "words": SMALL_WORDS,
+                "breaker_min_products": 10,
+                "send_seed": False,
+                **lmm,
+            },
             "caption": {"max_tokens": 1024},
             "verify": {"max_tokens": 1024, "breaker_threshold": 1.0},
         }

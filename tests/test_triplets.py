@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import SMALL_WORDS
 
 from fashionmv_builder.caption import CaptionStage
 from fashionmv_builder.config import RunConfig, validate_config
@@ -22,16 +23,6 @@ from fashionmv_builder.verify import VerifyStage
 
 pytestmark = pytest.mark.slow
 
-WORDS = {
-    "view_caption": [2, 6],
-    "long_caption": [10, 20],
-    "short_caption": [4, 8],
-    "verifier_reason": [1, 6],
-    "wrong_claim": [1, 4],
-    "modification_short": [4, 8],
-    "modification_long": [8, 16],
-}
-
 
 def _config(out: Path, catalogue: Path, url: str) -> RunConfig:
     return validate_config(
@@ -40,7 +31,7 @@ def _config(out: Path, catalogue: Path, url: str) -> RunConfig:
             "shard_size": 25,
             "workers": 2,
             "sources": [{"kind": "deepfashion", "dataset": "deepfashion", "root": str(catalogue / "deepfashion")}],
-            "lmm": {"endpoints": [url], "words": WORDS, "send_seed": False},
+            "lmm": {"endpoints": [url], "words": SMALL_WORDS, "send_seed": False},
             "caption": {"max_tokens": 1024},
             "verify": {"max_tokens": 1024, "remove": False},
             "triplets": {"val_ratio": 0.3, "min_targets": 1, "max_tokens": 1024},

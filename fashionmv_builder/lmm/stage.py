@@ -10,6 +10,7 @@ the shard and its marker.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import time
 from abc import ABC, abstractmethod
@@ -22,12 +23,14 @@ import fsspec
 import pyarrow as pa
 from pydantic import BaseModel
 
+from data_schema.lmm_answers import schema_digest, schema_of
 from data_schema.reasons import RejectLevel, RejectReason
 from fashionmv_builder.config import RunConfig, digest
 from fashionmv_builder.ledger import ShardLedger
 from fashionmv_builder.lmm.calls import AnswerStore, CallOutcome, CircuitBreaker, call_validated
 from fashionmv_builder.lmm.client import LmmClient, LmmRequest
 from fashionmv_builder.lmm.media import MediaCache
+from fashionmv_builder.prompts import load_prompt
 from fashionmv_builder.shards import ShardMarker, ShardStore
 
 
@@ -79,6 +82,8 @@ def image_parts(images: Sequence[bytes], media: MediaCache) -> tuple[list[dict],
 
 class LmmStage(ABC):
     name: str
+    version: str  # bump when the stage's output changes for the same inputs and settings
+    settings: str  # the config section with the stage's prompt, max_tokens and breaker_threshold
     input_stage: str
     input_table: str  # the input shard's table with one row per product
     output_schemas: ClassVar[dict[str, pa.Schema]]  # the tables a shard writes besides `rejects`
@@ -86,9 +91,58 @@ class LmmStage(ABC):
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
+        self.section = getattr(config, self.settings)
+        self.prompt = load_prompt(self.section.prompt)
 
-    @abstractmethod
-    def stage_hash(self) -> str: ...
+    def stage_hash(self) -> str:
+        """Everything besides the inputs that the stage's output depends on: a change redoes its shards."""
+        lmm = self.config.lmm
+        return digest(
+            {
+                "stage": self.name,
+                "version": self.version,
+                "prompt_sha": hashlib.sha256(self.prompt.text.encode()).hexdigest(),
+                "settings": self.section.model_dump(mode="json"),
+                "lmm": lmm.model_dump(
+                    mode="json",
+                    include={"model", "model_revision", "words", "temperature", "retry_temperature", "seed"}
+                    | {"invalid_retries", "image_max_pixels"},
+                ),
+            }
+        )
+
+    def make_ask(
+        self,
+        model: type[BaseModel],
+        content: list[dict],
+        image_hashes: list[str],
+        texts: list[str],
+        check: Callable[[Any], str | None] = _no_check,
+    ) -> Ask:
+        """The request for one item: the stage's prompt first (vLLM's prefix cache reuses it across requests), then
+        the item's content; and the canonical form of everything the answer depends on, which keys the store."""
+        lmm = self.config.lmm
+        canonical = {
+            "model": lmm.model,
+            "revision": lmm.model_revision,
+            "prompt": self.prompt.id,
+            "prompt_sha": hashlib.sha256(self.prompt.text.encode()).hexdigest(),
+            "schema": schema_digest(model),
+            "max_tokens": self.section.max_tokens,
+            "temperature": lmm.temperature,
+            "images": image_hashes,
+            "text": texts,
+        }
+        request = LmmRequest(
+            key="",
+            messages=({"role": "system", "content": self.prompt.text}, {"role": "user", "content": content}),
+            schema_name=self.name,
+            schema=schema_of(model),
+            max_tokens=self.section.max_tokens,
+            temperature=lmm.temperature,
+            seed=lmm.seed,
+        )
+        return Ask(request, canonical, model, check)
 
     @abstractmethod
     def ask(self, item: Item, ctx: StageContext) -> Ask: ...
@@ -220,9 +274,6 @@ class LmmStage(ABC):
     def is_bad(self, outcome: CallOutcome) -> bool:
         return outcome.answer is None
 
-    @abstractmethod
-    def breaker_threshold(self) -> float: ...
-
 
 def ask_key(ask: Ask) -> str:
     """The key of an ask's first attempt: what `call_validated` reports as the outcome's key."""
@@ -263,7 +314,9 @@ async def run_stage(
         client=client,
         media=media_cache(config),
         answers=AnswerStore(config.output_dir, stage.name),
-        breaker=CircuitBreaker(stage.breaker_threshold(), lmm.breaker_min_products, f"{stage.name}.breaker_threshold"),
+        breaker=CircuitBreaker(
+            stage.section.breaker_threshold, lmm.breaker_min_products, f"{stage.settings}.breaker_threshold"
+        ),
         endpoints=len(endpoints),
     )
     plans = []
@@ -355,7 +408,7 @@ def stage_context(stage: LmmStage, client: LmmClient, endpoints: int) -> StageCo
         media=media_cache(config),
         answers=AnswerStore(config.output_dir, stage.name),
         breaker=CircuitBreaker(
-            stage.breaker_threshold(), config.lmm.breaker_min_products, f"{stage.name}.breaker_threshold"
+            stage.section.breaker_threshold, config.lmm.breaker_min_products, f"{stage.settings}.breaker_threshold"
         ),
         endpoints=endpoints,
     )

@@ -8,23 +8,18 @@ that repeats a candidate or stays invalid after the retries is rejected (`invali
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from typing import ClassVar
 
-from data_schema.lmm_answers import schema_digest, schema_of, selection_answer
+from data_schema.lmm_answers import selection_answer
 from data_schema.reasons import RejectLevel, RejectReason
 from data_schema.tables import HARD_NEGATIVES, TRIPLETS
 from fashionmv_builder.config import RunConfig, digest
 from fashionmv_builder.ledger import ShardLedger
 from fashionmv_builder.lmm.calls import CallOutcome
-from fashionmv_builder.lmm.client import LmmRequest
 from fashionmv_builder.lmm.media import MediaCache, PreparedImage
 from fashionmv_builder.lmm.stage import Ask, Item, LmmStage, StageContext, text_part
-from fashionmv_builder.prompts import load_prompt
 from fashionmv_builder.shards import ShardMarker, ShardStore
-
-STAGE_VERSION = "1"
 
 
 def repeated_candidate(answer) -> str | None:
@@ -34,6 +29,8 @@ def repeated_candidate(answer) -> str | None:
 
 class SelectStage(LmmStage):
     name = "triplets"
+    version = "1"
+    settings = "triplets"
     input_stage = "candidates"
     input_table = "candidates"
     output_schemas: ClassVar[dict] = {"triplets": TRIPLETS, "hard_negatives": HARD_NEGATIVES}
@@ -45,30 +42,6 @@ class SelectStage(LmmStage):
         self._shard_of: dict[str, dict[str, int]] = {}  # dataset → product → ingest/dedupe shard
         self._captions: dict[str, dict[str, str]] = {}  # dataset → product → short caption
         self._prepared: dict[tuple[str, str, int], list[PreparedImage]] = {}  # (dataset, product, budget) → images
-
-    def breaker_threshold(self) -> float:
-        return self.config.triplets.breaker_threshold
-
-    def stage_hash(self) -> str:
-        t, lmm = self.config.triplets, self.config.lmm
-        prompt = load_prompt(t.prompt)
-        return digest(
-            {
-                "stage": self.name,
-                "version": STAGE_VERSION,
-                "prompt": prompt.id,
-                "prompt_sha": hashlib.sha256(prompt.text.encode()).hexdigest(),
-                "words": lmm.words.model_dump(),
-                "model": lmm.model,
-                "revision": lmm.model_revision,
-                "triplets": t.model_dump(mode="json"),
-                "temperature": lmm.temperature,
-                "seed": lmm.seed,
-                "invalid_retries": lmm.invalid_retries,
-                "retry_temperature": lmm.retry_temperature,
-                "image_max_pixels": lmm.image_max_pixels,
-            }
-        )
 
     def fingerprint(self, marker: ShardMarker) -> str:
         return digest({name: f.sha256 for name, f in marker.files.items()})
@@ -125,7 +98,6 @@ class SelectStage(LmmStage):
 
     def ask(self, item: Item, ctx: StageContext) -> Ask:
         t, lmm = self.config.triplets, self.config.lmm
-        prompt = load_prompt(t.prompt)
         dataset, source = item.product["dataset"], item.product["product_id"]
         candidates = item.product["candidate_ids"]
         small = MediaCache(ctx.media.folder, t.candidate_max_pixels, ctx.media.share_disk)
@@ -157,27 +129,7 @@ class SelectStage(LmmStage):
                 content.append(text_part(line))
             texts.append(line)
         model = selection_answer(lmm.words, len(candidates), t.max_targets, t.min_targets, t.min_views_involved)
-        canonical = {
-            "model": lmm.model,
-            "revision": lmm.model_revision,
-            "prompt": prompt.id,
-            "prompt_sha": hashlib.sha256(prompt.text.encode()).hexdigest(),
-            "schema": schema_digest(model),
-            "max_tokens": t.max_tokens,
-            "temperature": lmm.temperature,
-            "images": hashes,
-            "text": texts,
-        }
-        request = LmmRequest(
-            key="",
-            messages=({"role": "system", "content": prompt.text}, {"role": "user", "content": content}),
-            schema_name="selection",
-            schema=schema_of(model),
-            max_tokens=t.max_tokens,
-            temperature=lmm.temperature,
-            seed=lmm.seed,
-        )
-        return Ask(request, canonical, model, check=self.check)
+        return self.make_ask(model, content, hashes, texts, check=self.check)
 
     # -- the answer ----------------------------------------------------------------------------------------------
 
