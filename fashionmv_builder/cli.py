@@ -24,7 +24,7 @@ PIPELINE = [
     ("caption", "Stage 1: multi-view captions on vLLM", None),
     ("verify", "Stage 2: hallucination verifier on vLLM", None),
     ("triplets", "Stage 3: split, candidate mining, listwise selection, triplets", None),
-    ("publish", "push shards to the Hugging Face Hub", "#8"),
+    ("publish", "push shards to the Hugging Face Hub", None),
 ]
 
 ConfigArg = Annotated[Path, typer.Argument(help="run configuration (YAML)", exists=True, dir_okay=False)]
@@ -178,46 +178,28 @@ def _print_cost(stage: str, reports: list, cfg: RunConfig, pilot: float | None) 
     )
 
 
-@app.command()
-def caption(
-    config: ConfigArg,
-    out: OutOpt = None,
-    set_: SetOpt = None,
-    dataset: DatasetOpt = None,
-    pilot: PilotOpt = None,
-    verbose: bool = False,
-) -> None:
-    """Stage 1: caption every product from all its views with the LMM."""
-    _setup_logging(verbose)
-    _run_lmm_stages(_load(config, out, set_), ["caption"], dataset, pilot)
+def _lmm_command(stage: str, summary: str):
+    def command(
+        config: ConfigArg,
+        out: OutOpt = None,
+        set_: SetOpt = None,
+        dataset: DatasetOpt = None,
+        pilot: PilotOpt = None,
+        verbose: bool = False,
+    ) -> None:
+        _setup_logging(verbose)
+        _run_lmm_stages(_load(config, out, set_), [stage], dataset, pilot)
+
+    command.__doc__ = summary
+    return command
 
 
-@app.command()
-def verify(
-    config: ConfigArg,
-    out: OutOpt = None,
-    set_: SetOpt = None,
-    dataset: DatasetOpt = None,
-    pilot: PilotOpt = None,
-    verbose: bool = False,
-) -> None:
-    """Stage 2: check the captions' orientation claims against the images; remove hallucinated products."""
-    _setup_logging(verbose)
-    _run_lmm_stages(_load(config, out, set_), ["verify"], dataset, pilot)
-
-
-@app.command()
-def triplets(
-    config: ConfigArg,
-    out: OutOpt = None,
-    set_: SetOpt = None,
-    dataset: DatasetOpt = None,
-    pilot: PilotOpt = None,
-    verbose: bool = False,
-) -> None:
-    """Stage 3: split, mine candidates in each split, and let the LMM pick targets and write modification texts."""
-    _setup_logging(verbose)
-    _run_lmm_stages(_load(config, out, set_), ["triplets"], dataset, pilot)
+for _stage, _summary in (
+    ("caption", "Stage 1: caption every product from all its views with the LMM."),
+    ("verify", "Stage 2: check the captions' orientation claims against the images; remove hallucinated products."),
+    ("triplets", "Stage 3: split, mine candidates in each split, and let the LMM pick targets and write texts."),
+):
+    app.command(_stage)(_lmm_command(_stage, _summary))
 
 
 @app.command("serve-lmm")
@@ -322,6 +304,86 @@ def report(
     result = write_report(cfg, folder)
     Console().print(to_markdown(result))
     console.print(f"report written to {folder}/report.json and report.md")
+
+
+FolderOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--folder", help="local folder for the repo, its takedown list and state (default <output_dir>/publish)"
+    ),
+]
+
+
+@app.command()
+def publish(
+    config: ConfigArg,
+    repo_id: Annotated[str, typer.Option("--repo-id", help="Hub dataset repo, ORG/NAME")],
+    private: Annotated[bool, typer.Option("--private", help="create the repo private")] = False,
+    with_images: Annotated[
+        bool, typer.Option("--with-images", help="embed the image bytes (only for catalogues you may publish)")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="write the repo folder, list it, upload nothing")] = False,
+    revision: Annotated[str, typer.Option("--revision", help="branch to publish to (created if missing)")] = "main",
+    licence: Annotated[str, typer.Option("--license", help="Hub licence id of the annotations")] = "other",
+    folder: FolderOpt = None,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+    verbose: bool = False,
+) -> None:
+    """Publish the build to a Hugging Face Hub dataset repo (token: HF_TOKEN or `hf auth login`)."""
+    _setup_logging(verbose)
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from fashionmv_builder.hub.upload import UploadError
+    from fashionmv_builder.publish import PublishOptions, summary
+    from fashionmv_builder.publish import publish as run_publish
+
+    cfg = _load(config, out, set_)
+    try:
+        options = PublishOptions(repo_id, private=private, with_images=with_images, revision=revision, licence=licence)
+        result = run_publish(cfg, options, dry_run=dry_run, root=folder)
+    except (ConfigError, UploadError, HfHubHTTPError) as err:  # their messages never hold the token
+        console.print(f"[red]{type(err).__name__}:[/red] {err}")
+        raise typer.Exit(1) from None
+    Console().print("\n".join(summary(result)))
+
+
+@app.command()
+def remove(
+    config: ConfigArg,
+    ids: Annotated[
+        Path, typer.Option("--ids", exists=True, dir_okay=False, help="one dataset/product_id or product_id a line")
+    ],
+    repo_id: Annotated[
+        str | None, typer.Option("--repo-id", help="Hub dataset repo (default: where the build was last published)")
+    ] = None,
+    revision: Annotated[str | None, typer.Option("--revision", help="branch (default: the last published)")] = None,
+    squash_history: Annotated[
+        bool, typer.Option("--squash-history", help="then squash the branch's history so no old revision keeps them")
+    ] = False,
+    folder: FolderOpt = None,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+    verbose: bool = False,
+) -> None:
+    """Takedown: drop products and every triplet, caption and hard negative naming them; publish a new revision."""
+    _setup_logging(verbose)
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from fashionmv_builder.hub.upload import UploadError
+    from fashionmv_builder.publish import remove as run_remove
+    from fashionmv_builder.publish import summary
+
+    cfg = _load(config, out, set_)
+    lines = ids.read_text(encoding="utf-8").splitlines()
+    try:
+        rewritten, result = run_remove(
+            cfg, lines, repo_id=repo_id, revision=revision, squash_history=squash_history, root=folder
+        )
+    except (ConfigError, UploadError, HfHubHTTPError) as err:
+        console.print(f"[red]{type(err).__name__}:[/red] {err}")
+        raise typer.Exit(1) from None
+    Console().print("\n".join([f"{len(rewritten)} shard(s) rewritten", *summary(result)]))
 
 
 @app.command()
