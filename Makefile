@@ -71,3 +71,40 @@ TINY_PROCIR := build/models/tiny-procir
 $(STAMPS)/tiny-procir: $(STAMPS)/venv fashionmv_builder/procir/tiny.py
 	$(BIN)/fashionmv build-tiny-procir --out $(TINY_PROCIR)
 	@touch $@
+
+# ---- Prefect: the flow build-fashionmv (flows/build_fashionmv.py) on a local server; README, "Running on Prefect" --
+# Each target stays in the foreground: `make prefect-server` in one terminal, `make prefect-worker` (or
+# `make prefect-serve`) in a second, then `make prefect-run`. The server's SQLite database lives in build/prefect.
+PREFECT := $(BIN)/prefect
+PREFECT_PORT ?= 4200
+PREFECT_POOL ?= fashionmv
+PREFECT_DEPLOYMENT ?= sample
+PREFECT_CONFIG ?= configs/sample.yaml
+PREFECT_PARAMS ?=
+LMM_TASK_LIMIT ?= 4
+PREFECT_ENV = PREFECT_HOME=$(CURDIR)/build/prefect PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api \
+	PREFECT_SERVER_ANALYTICS_ENABLED=false
+
+.PHONY: prefect-server prefect-lmm-limit prefect-worker prefect-serve prefect-run
+
+prefect-server: $(STAMPS)/venv
+	$(PREFECT_ENV) $(PREFECT) server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+# The tag concurrency limit of the flow's LMM tasks: at most this many LMM shards in flight over all runs.
+prefect-lmm-limit: $(STAMPS)/venv
+	$(PREFECT_ENV) $(PREFECT) concurrency-limit create lmm $(LMM_TASK_LIMIT)
+
+# Deploys prefect.yaml to a process work pool, then a worker runs its flow runs (each in a subprocess, from here).
+prefect-worker: setup prefect-lmm-limit
+	$(PREFECT_ENV) $(PREFECT) work-pool create $(PREFECT_POOL) --type process --overwrite
+	$(PREFECT_ENV) $(PREFECT) --no-prompt deploy --all
+	$(PREFECT_ENV) $(PREFECT) worker start --pool $(PREFECT_POOL)
+
+# Or, without a work pool: this process serves the flow as the deployment build-fashionmv/served.
+prefect-serve: setup prefect-lmm-limit
+	$(PREFECT_ENV) $(BIN)/python -m flows.build_fashionmv serve --name served
+
+# PREFECT_DEPLOYMENT=served for the served one; PREFECT_PARAMS='--param overrides={"shard_size":50}' for more.
+prefect-run: $(STAMPS)/venv
+	$(PREFECT_ENV) $(PREFECT) deployment run build-fashionmv/$(PREFECT_DEPLOYMENT) \
+		--param config_path=$(PREFECT_CONFIG) $(PREFECT_PARAMS) --watch

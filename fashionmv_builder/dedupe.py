@@ -472,19 +472,33 @@ def _write_plan(store: ShardStore, plan: dict) -> None:
     store.fs.pipe_file(f"{store.base}/{PLAN_FILE}", (json.dumps(plan, indent=1, sort_keys=True) + "\n").encode())
 
 
-def dedupe_dataset(config: RunConfig, dataset: str) -> DedupeReport:
+@dataclass
+class DedupePlan:
+    """One dataset after the global step: the shards to (re)write, and what to record once they are written."""
+
+    dataset: str
+    shards: list[int]  # every ingest shard; the dedupe shards mirror them
+    todo: list[DedupeShard]
+    extra: dict  # stats.json fields beyond the summed counts
+    memo: dict | None = None  # the _plan.json to write after the shards; None when nothing changed
+    error: str | None = None
+
+
+def plan_dataset(config: RunConfig, dataset: str) -> DedupePlan:
+    """The dataset-wide step: read the hashes, decide, and cut the decisions into per-shard tasks."""
     source_store = ShardStore(config.output_dir, INPUT_STAGE, dataset)
     markers = source_store.markers()
     if not markers:
-        return DedupeReport(dataset, 0, 0, {"error": "no ingest shards: run ingest first"})
+        return DedupePlan(dataset, [], [], {}, error="no ingest shards: run ingest first")
     store = ShardStore(config.output_dir, STAGE, dataset)
     config_hash = stage_hash(config.dedupe)
     key = {"config_hash": config_hash, "ingest": _ingest_fingerprint(markers)}
+    shards = [m.shard for m in markers]
     plan = _read_plan(store)
     if plan.get("key") == key and all(
         store.is_complete(m.shard, config_hash, plan["fingerprints"].get(str(m.shard), "")) for m in markers
     ):
-        return DedupeReport(dataset, len(markers), len(markers), store.write_stats(plan["stats"]))
+        return DedupePlan(dataset, shards, [], plan["stats"])
 
     catalogue = load_catalogue(source_store, markers)
     decisions = decide(catalogue, config.dedupe, Thumbnails(source_store, markers, catalogue))
@@ -498,16 +512,32 @@ def dedupe_dataset(config: RunConfig, dataset: str) -> DedupeReport:
             DedupeShard(config.output_dir, dataset, m.shard, config_hash, fp, tuple(products), config.config_hash())
         )
     todo = [t for t in tasks if not store.is_complete(t.shard, config_hash, t.fingerprint)]
-    # A shard is a few table rows to write: the work was the dataset-wide search above, so one process does it.
-    run_tasks(run_shard, todo, workers=1, desc=f"dedupe {dataset}")
-    store.remove_stale([m.shard for m in markers])
     extra = {
         "thresholds": config.dedupe.model_dump(mode="json"),
         **decisions.stats,
         "notes": {"category_unknown": "products without a source category; the captioning stage decides"},
     }
-    _write_plan(store, {"key": key, "fingerprints": {str(t.shard): t.fingerprint for t in tasks}, "stats": extra})
-    return DedupeReport(dataset, len(tasks), len(tasks) - len(todo), store.write_stats(extra))
+    memo = {"key": key, "fingerprints": {str(t.shard): t.fingerprint for t in tasks}, "stats": extra}
+    return DedupePlan(dataset, shards, todo, extra, memo)
+
+
+def finish_dataset(config: RunConfig, plan: DedupePlan) -> DedupeReport:
+    """After every shard of the plan is written: drop stale markers, memoise the decisions, sum the stats."""
+    if plan.error is not None:
+        return DedupeReport(plan.dataset, 0, 0, {"error": plan.error})
+    store = ShardStore(config.output_dir, STAGE, plan.dataset)
+    if plan.memo is not None:
+        store.remove_stale(plan.shards)
+        _write_plan(store, plan.memo)
+    skipped = len(plan.shards) - len(plan.todo)
+    return DedupeReport(plan.dataset, len(plan.shards), skipped, store.write_stats(plan.extra))
+
+
+def dedupe_dataset(config: RunConfig, dataset: str) -> DedupeReport:
+    plan = plan_dataset(config, dataset)
+    # A shard is a few table rows to write: the work was the dataset-wide search, so one process does it.
+    run_tasks(run_shard, plan.todo, workers=1, desc=f"dedupe {dataset}")
+    return finish_dataset(config, plan)
 
 
 def run_dedupe(config: RunConfig, datasets: list[str] | None = None) -> list[DedupeReport]:

@@ -206,11 +206,23 @@ def run_ingest(config: RunConfig, datasets: list[str] | None = None) -> list[Ing
             log.error("ingest: %s: cannot list the source: %s", source.dataset, err)
             reports.append(IngestReport(source.dataset, 0, 0, {"error": f"cannot list the source: {err}"}))
             continue
-        store = ShardStore(config.output_dir, STAGE, source.dataset)
-        config_hash = stage_hash(config, source)
-        todo = [s for s in shards if not store.is_complete(s.shard, config_hash, s.fingerprint)]
+        todo = pending_shards(config, source, shards)
         run_tasks(run_shard, todo, workers=config.workers, desc=f"ingest {source.dataset}")
-        store.remove_stale(range(len(shards)))
-        stats = store.write_stats({"listing": listing})
-        reports.append(IngestReport(source.dataset, len(shards), len(shards) - len(todo), stats))
+        reports.append(finish_source(config, source, len(shards), len(shards) - len(todo), listing))
     return reports
+
+
+def pending_shards(config: RunConfig, source: SourceConfig, shards: list[IngestShard]) -> list[IngestShard]:
+    """The shards whose marker does not match: what a run has to (re)do."""
+    store = ShardStore(config.output_dir, STAGE, source.dataset)
+    config_hash = stage_hash(config, source)
+    return [s for s in shards if not store.is_complete(s.shard, config_hash, s.fingerprint)]
+
+
+def finish_source(
+    config: RunConfig, source: SourceConfig, shards: int, skipped: int, listing: dict[str, int]
+) -> IngestReport:
+    """After every shard is written: drop the markers of shards that no longer exist, and sum the stats."""
+    store = ShardStore(config.output_dir, STAGE, source.dataset)
+    store.remove_stale(range(shards))
+    return IngestReport(source.dataset, shards, skipped, store.write_stats({"listing": listing}))

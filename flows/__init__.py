@@ -1,0 +1,1 @@
+"""Prefect flows of the pipeline and their deployments (prefect.yaml at the repository root)."""
