@@ -38,9 +38,15 @@ $(STAMPS)/sample: $(STAMPS)/venv fashionmv_builder/sources/sample.py
 	$(BIN)/fashionmv sample --out $(SAMPLE_DIR) --products $(SAMPLE_PRODUCTS) --seed $(SAMPLE_SEED)
 	@touch $@
 
-# The main job on the embedded sample: every stage built so far.
+# The main job on the embedded sample: the Prefect flow build-fashionmv (a temporary Prefect server in the process,
+# state in build/prefect-local), then the build report. `fashionmv run configs/sample.yaml` does the same without Prefect.
 triplets: setup
-	$(BIN)/fashionmv run configs/sample.yaml
+	PREFECT_HOME=$(CURDIR)/build/prefect-local PREFECT_SERVER_ANALYTICS_ENABLED=false \
+		$(BIN)/python -m flows.build_fashionmv run configs/sample.yaml
+	$(BIN)/fashionmv report configs/sample.yaml --to build/sample/report
+	@echo "Shards: build/sample/<stage>/<dataset>/<table>/part-*.parquet, stats.json per stage and dataset."
+	@echo "Next: fashionmv export-fashionmv configs/sample.yaml --to build/fashionmv-export  (FashionMV's layout)"
+	@echo "      fashionmv publish configs/sample.yaml --repo-id ORG/NAME --dry-run       (a Hub dataset repo)"
 
 test: setup
 	$(BIN)/pytest $(PYTEST_ARGS)
