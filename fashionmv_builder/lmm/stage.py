@@ -297,55 +297,18 @@ def media_cache(config: RunConfig) -> MediaCache:
 async def run_stage(
     stage: LmmStage, endpoints: list[str], datasets: list[str] | None = None, pilot: float | None = None
 ) -> list[StageReport]:
-    """Run one LMM stage over every dataset (or the first `pilot` fraction of each one's shards)."""
-    config = stage.config
-    lmm = config.lmm
-    client = LmmClient(
-        endpoints,
-        lmm.model,
-        max_in_flight=lmm.max_in_flight,
-        timeout_s=lmm.timeout_s,
-        retries=lmm.retries,
-        backoff_s=lmm.backoff_s,
-    )
-    await client.check()
-    ctx = StageContext(
-        config=config,
-        client=client,
-        media=media_cache(config),
-        answers=AnswerStore(config.output_dir, stage.name),
-        breaker=CircuitBreaker(
-            stage.section.breaker_threshold, lmm.breaker_min_products, f"{stage.settings}.breaker_threshold"
-        ),
-        endpoints=len(endpoints),
-    )
-    plans = []
-    for source in config.sources:
-        if datasets and source.dataset not in datasets:
-            continue
-        markers = stage.input_markers(source.dataset)
-        if pilot is not None:
-            markers = markers[: max(1, math.ceil(len(markers) * pilot))]
-        store = ShardStore(config.output_dir, stage.name, source.dataset)
-        todo = [m for m in markers if not store.is_complete(m.shard, stage.stage_hash(), stage.fingerprint(m))]
-        plans.append((source.dataset, markers, todo, store))
-    start = time.perf_counter()
+    """Run one LMM stage over every dataset (or the first `pilot` fraction of each one's shards), every shard's
+    requests on one client, so the server stays busy across shard boundaries."""
+    client = lmm_client(stage.config, endpoints)
     try:
-        await asyncio.gather(*(stage.run_shard(m, ctx) for _, _, todo, _ in plans for m in todo))
+        await client.check()
+        ctx = stage_context(stage, client, len(endpoints))
+        plans = plan_stage(stage, datasets, pilot)
+        start = time.perf_counter()
+        await asyncio.gather(*(stage.run_shard(m, ctx) for plan in plans for m in plan.todo))
     finally:
         await client.close()
-    wall = time.perf_counter() - start
-    reports = []
-    for dataset, markers, todo, store in plans:
-        if pilot is None:
-            store.remove_stale(m.shard for m in markers)
-        # Time is only recorded by a run that did work, so a rerun with nothing to do changes no file.
-        extra = {"wall_seconds": round(wall, 3), "server_seconds": round(wall * len(endpoints), 3)}
-        if not todo:
-            previous = store.read_stats() or {}
-            extra = {k: previous[k] for k in extra if k in previous}
-        reports.append(StageReport(dataset, len(markers), len(markers) - len(todo), store.write_stats(extra)))
-    return reports
+    return finish_stage(stage, plans, time.perf_counter() - start, len(endpoints))
 
 
 # -- per-shard entry points for task runners (the Prefect flow): run_stage's steps, one shard per call ----------
@@ -358,18 +321,21 @@ class StagePlan:
     dataset: str
     markers: list[ShardMarker]
     todo: list[ShardMarker]
+    whole: bool = True  # False for a pilot: the shards beyond its slice are not stale
 
 
-def plan_stage(stage: LmmStage, datasets: list[str] | None = None) -> list[StagePlan]:
+def plan_stage(stage: LmmStage, datasets: list[str] | None = None, pilot: float | None = None) -> list[StagePlan]:
     config = stage.config
     plans = []
     for source in config.sources:
         if datasets and source.dataset not in datasets:
             continue
         markers = stage.input_markers(source.dataset)
+        if pilot is not None:
+            markers = markers[: max(1, math.ceil(len(markers) * pilot))]
         store = ShardStore(config.output_dir, stage.name, source.dataset)
         todo = [m for m in markers if not store.is_complete(m.shard, stage.stage_hash(), stage.fingerprint(m))]
-        plans.append(StagePlan(source.dataset, markers, todo))
+        plans.append(StagePlan(source.dataset, markers, todo, whole=pilot is None))
     return plans
 
 
@@ -378,7 +344,8 @@ def finish_stage(stage: LmmStage, plans: list[StagePlan], wall: float, endpoints
     reports = []
     for plan in plans:
         store = ShardStore(stage.config.output_dir, stage.name, plan.dataset)
-        store.remove_stale(m.shard for m in plan.markers)
+        if plan.whole:
+            store.remove_stale(m.shard for m in plan.markers)
         extra = {"wall_seconds": round(wall, 3), "server_seconds": round(wall * endpoints, 3)}
         if not plan.todo:
             previous = store.read_stats() or {}
