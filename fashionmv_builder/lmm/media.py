@@ -12,6 +12,8 @@ import base64
 import hashlib
 import io
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,9 +40,11 @@ class MediaCache:
         path = self.folder / digest[:2] / f"{digest}.jpg"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(resized)
-            tmp.replace(path)  # never leave a half-written image for the server to read
+            # A temporary file of its own per writer: shards in threads or processes may prepare the same image at
+            # once. The rename is atomic, so the server never reads a half-written image.
+            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+                tmp.write(resized)
+            os.replace(tmp.name, path)
         return PreparedImage(digest, path.resolve().as_uri())
 
     def _resize(self, data: bytes) -> bytes:
