@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -79,6 +81,16 @@ def _print_stage(stage: str, reports: list, cfg: RunConfig) -> None:
         out.print(f"rejects by reason (rows in {stage}/<dataset>/rejects/*.parquet):\n" + "\n".join(reasons))
 
 
+@contextmanager
+def _one_line_errors(*errors: type[BaseException]) -> Iterator[None]:
+    """Expected failures (a server down, bad settings, a refused upload) end the command with one line, exit 1."""
+    try:
+        yield
+    except errors as err:  # none of these messages holds a token
+        console.print(f"[red]{type(err).__name__}:[/red] {err}")
+        raise typer.Exit(1) from None
+
+
 def _failed(reports: list) -> bool:
     return any("error" in r.stats for r in reports)
 
@@ -141,17 +153,14 @@ def _run_lmm_stages(cfg: RunConfig, names: list[str], datasets: list[str] | None
     from fashionmv_builder.verify import VerifyStage
 
     stages = {"caption": CaptionStage, "verify": VerifyStage, "triplets": SelectStage}
-    try:
-        with lmm_endpoints(cfg) as endpoints:
-            for name in names:
-                if name == "triplets":  # mining needs no LMM, but selection right after it does
-                    run_candidates(cfg, datasets)
-                reports = asyncio.run(run_stage(stages[name](cfg), endpoints, datasets, pilot))
-                _print_stage(name, reports, cfg)
-                _print_cost(name, reports, cfg, pilot)
-    except (LmmUnreachable, CircuitOpen, ServerError, ConfigError, openai.APIError) as err:
-        console.print(f"[red]{type(err).__name__}:[/red] {err}")
-        raise typer.Exit(1) from None
+    expected = (LmmUnreachable, CircuitOpen, ServerError, ConfigError, openai.APIError)
+    with _one_line_errors(*expected), lmm_endpoints(cfg) as endpoints:
+        for name in names:
+            if name == "triplets":  # mining needs no LMM, but selection right after it does
+                run_candidates(cfg, datasets)
+            reports = asyncio.run(run_stage(stages[name](cfg), endpoints, datasets, pilot))
+            _print_stage(name, reports, cfg)
+            _print_cost(name, reports, cfg, pilot)
 
 
 def _print_cost(stage: str, reports: list, cfg: RunConfig, pilot: float | None) -> None:
@@ -215,16 +224,13 @@ def serve_lmm(
     from fashionmv_builder.lmm.serving import server_for
 
     cfg = _load(config, out, set_)
-    try:
+    with _one_line_errors(ServerError, ConfigError):
         server = server_for(cfg)
         if stop:
             server.stop()
             console.print("stopped")
             return
         url = server.start(timeout_s=cfg.lmm.serve.startup_timeout_s)
-    except (ServerError, ConfigError) as err:
-        console.print(f"[red]{type(err).__name__}:[/red] {err}")
-        raise typer.Exit(1) from None
     console.print(
         f"vLLM serving {cfg.lmm.serve.served_name!r} at {url} (pidfile {server.pidfile}, log {server.logfile})"
     )
@@ -339,12 +345,9 @@ def publish(
     from fashionmv_builder.publish import publish as run_publish
 
     cfg = _load(config, out, set_)
-    try:
+    with _one_line_errors(ConfigError, UploadError, HfHubHTTPError):
         options = PublishOptions(repo_id, private=private, with_images=with_images, revision=revision, licence=licence)
         result = run_publish(cfg, options, dry_run=dry_run, root=folder)
-    except (ConfigError, UploadError, HfHubHTTPError) as err:  # their messages never hold the token
-        console.print(f"[red]{type(err).__name__}:[/red] {err}")
-        raise typer.Exit(1) from None
     Console().print("\n".join(summary(result)))
 
 
@@ -376,13 +379,10 @@ def remove(
 
     cfg = _load(config, out, set_)
     lines = ids.read_text(encoding="utf-8").splitlines()
-    try:
+    with _one_line_errors(ConfigError, UploadError, HfHubHTTPError):
         rewritten, result = run_remove(
             cfg, lines, repo_id=repo_id, revision=revision, squash_history=squash_history, root=folder
         )
-    except (ConfigError, UploadError, HfHubHTTPError) as err:
-        console.print(f"[red]{type(err).__name__}:[/red] {err}")
-        raise typer.Exit(1) from None
     Console().print("\n".join([f"{len(rewritten)} shard(s) rewritten", *summary(result)]))
 
 
