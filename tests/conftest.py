@@ -115,3 +115,45 @@ def vllm_server(tmp_path_factory):
     server.start(timeout_s=600)
     yield server
     server.stop()
+
+
+def _stage3_config(out: Path, catalogue: Path, url: str):
+    from fashionmv_builder.config import validate_config
+
+    return validate_config(
+        {
+            "output_dir": str(out),
+            "shard_size": 25,
+            "workers": 2,
+            "sources": [{"kind": "deepfashion", "dataset": "deepfashion", "root": str(catalogue / "deepfashion")}],
+            "lmm": {"endpoints": [url], "words": SMALL_WORDS, "send_seed": False},
+            "caption": {"max_tokens": 1024},
+            "verify": {"max_tokens": 1024, "remove": False},
+            "triplets": {"val_ratio": 0.3, "min_targets": 1, "max_tokens": 1024},
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def stage3_build(sample_catalogue, vllm_server, tmp_path_factory):
+    """Ingest through Stage 3 on the sample's deepfashion layout with the real vLLM server, built once per session
+    and shared read-only by the triplet, report and audit tests."""
+    import asyncio
+
+    from fashionmv_builder.caption import CaptionStage
+    from fashionmv_builder.dedupe import run_dedupe
+    from fashionmv_builder.ingest import run_ingest
+    from fashionmv_builder.lmm.stage import run_stage
+    from fashionmv_builder.triplets.candidates import run_candidates
+    from fashionmv_builder.triplets.select import SelectStage
+    from fashionmv_builder.verify import VerifyStage
+
+    out = tmp_path_factory.mktemp("stage3")
+    config = _stage3_config(out, sample_catalogue, vllm_server.spec.url)
+    run_ingest(config)
+    run_dedupe(config)
+    for stage in (CaptionStage, VerifyStage):
+        asyncio.run(run_stage(stage(config), [vllm_server.spec.url]))
+    run_candidates(config)
+    asyncio.run(run_stage(SelectStage(config), [vllm_server.spec.url]))
+    return config

@@ -1,55 +1,17 @@
 """Stage 3 on the sample catalogue with the real vLLM server: split, mining, listwise selection, export."""
 
-import asyncio
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
-from conftest import SMALL_WORDS
 
-from fashionmv_builder.caption import CaptionStage
-from fashionmv_builder.config import RunConfig, validate_config
-from fashionmv_builder.dedupe import run_dedupe
-from fashionmv_builder.ingest import run_ingest
-from fashionmv_builder.lmm.stage import run_stage
+from fashionmv_builder.config import RunConfig
 from fashionmv_builder.procir.data import list_views, read_captions, read_triplets
 from fashionmv_builder.shards import ShardStore
-from fashionmv_builder.triplets.candidates import run_candidates
 from fashionmv_builder.triplets.export import export_fashionmv
-from fashionmv_builder.triplets.select import SelectStage
 from fashionmv_builder.triplets.split import split_of
-from fashionmv_builder.verify import VerifyStage
 
 pytestmark = pytest.mark.slow
-
-
-def _config(out: Path, catalogue: Path, url: str) -> RunConfig:
-    return validate_config(
-        {
-            "output_dir": str(out),
-            "shard_size": 25,
-            "workers": 2,
-            "sources": [{"kind": "deepfashion", "dataset": "deepfashion", "root": str(catalogue / "deepfashion")}],
-            "lmm": {"endpoints": [url], "words": SMALL_WORDS, "send_seed": False},
-            "caption": {"max_tokens": 1024},
-            "verify": {"max_tokens": 1024, "remove": False},
-            "triplets": {"val_ratio": 0.3, "min_targets": 1, "max_tokens": 1024},
-        }
-    )
-
-
-@pytest.fixture(scope="module")
-def build(sample_catalogue, vllm_server, tmp_path_factory):
-    out = tmp_path_factory.mktemp("stage3")
-    config = _config(out, sample_catalogue, vllm_server.spec.url)
-    run_ingest(config)
-    run_dedupe(config)
-    for stage in (CaptionStage, VerifyStage):
-        asyncio.run(run_stage(stage(config), [vllm_server.spec.url]))
-    run_candidates(config)
-    asyncio.run(run_stage(SelectStage(config), [vllm_server.spec.url]))
-    return config
 
 
 def _table(config: RunConfig, stage: str, table: str) -> list[dict]:
@@ -64,14 +26,14 @@ def test_split_is_by_group_and_stable():
     assert [split_of(k, None, 0.3, 7) for k in keys] == [split_of(k, None, 0.3, 7) for k in keys]
 
 
-def test_triplets_respect_splits_and_products(build):
-    products = _table(build, "candidates", "products")
+def test_triplets_respect_splits_and_products(stage3_build):
+    products = _table(stage3_build, "candidates", "products")
     split = {p["product_id"]: p["split"] for p in products}
     groups: dict[str, set[str]] = {}
     for p in products:
         groups.setdefault(p["group_key"], set()).add(p["split"])
     assert all(len(s) == 1 for s in groups.values()), "a group was cut across splits"
-    triplets = _table(build, "triplets", "triplets")
+    triplets = _table(stage3_build, "triplets", "triplets")
     per_split = Counter(t["split"] for t in triplets)
     assert per_split["train"] >= 50 and per_split["val"] >= 50, per_split
     for t in triplets:
@@ -79,25 +41,27 @@ def test_triplets_respect_splits_and_products(build):
         assert t["source_id"] != t["target_id"]
         assert t["target_id"] in t["candidate_ids"]
         assert t["views_involved"] == sorted(set(t["views_involved"])) and len(t["views_involved"]) >= 2
-    negatives = _table(build, "triplets", "hard_negatives")
+    negatives = _table(stage3_build, "triplets", "hard_negatives")
     target_of = {t["triplet_id"]: t["target_id"] for t in triplets}
     assert negatives and all(n["negative_id"] != target_of[n["triplet_id"]] for n in negatives)
     chosen = {(t["source_id"], t["target_id"]) for t in triplets}
     assert all((n["source_id"], n["negative_id"]) not in chosen for n in negatives)
 
 
-def test_counts_conserve(build):
+def test_counts_conserve(stage3_build):
     for stage in ("candidates", "triplets"):
-        c = ShardStore(build.output_dir, stage, "deepfashion").read_stats()["counts"]
+        c = ShardStore(stage3_build.output_dir, stage, "deepfashion").read_stats()["counts"]
         assert c["products_in"] == c["products_out"] + c["products_rejected"], stage
-    sources = {t["source_id"] for t in _table(build, "triplets", "triplets")}
-    rejected = {r["product_id"] for r in _table(build, "triplets", "rejects")}
-    assert sources | rejected == {c["product_id"] for c in _table(build, "candidates", "candidates")}
+    sources = {t["source_id"] for t in _table(stage3_build, "triplets", "triplets")}
+    rejected = {r["product_id"] for r in _table(stage3_build, "triplets", "rejects")}
+    assert sources | rejected == {c["product_id"] for c in _table(stage3_build, "candidates", "candidates")}
 
 
-def test_planted_siblings_are_mined(build, sample_catalogue):
+def test_planted_siblings_are_mined(stage3_build, sample_catalogue):
     truth = json.loads((sample_catalogue / "ground_truth.json").read_text())
-    union = {c["product_id"]: (c["split"], set(c["union_ids"])) for c in _table(build, "candidates", "candidates")}
+    union = {
+        c["product_id"]: (c["split"], set(c["union_ids"])) for c in _table(stage3_build, "candidates", "candidates")
+    }
     found = total = 0
     for p in truth["products"]:
         if p["role"] != "sibling" or p["ids"].get("deepfashion") is None:
@@ -110,11 +74,11 @@ def test_planted_siblings_are_mined(build, sample_catalogue):
     assert found / total >= 0.8, (found, total)
 
 
-def test_fashionmv_export_round_trips(build, tmp_path):
-    counts = export_fashionmv(build, tmp_path)
-    triplets = _table(build, "triplets", "triplets")
+def test_fashionmv_export_round_trips(stage3_build, tmp_path):
+    counts = export_fashionmv(stage3_build, tmp_path)
+    triplets = _table(stage3_build, "triplets", "triplets")
     views = {}
-    for v in _table(build, "dedupe", "views"):
+    for v in _table(stage3_build, "dedupe", "views"):
         views.setdefault(v["product_id"], []).append(v["file_name"])
     for split in ("train", "val"):
         ours = sorted(
@@ -133,14 +97,14 @@ def test_fashionmv_export_round_trips(build, tmp_path):
             assert listed == sorted(views[pid])[:5]
     assert counts["val_triplets"] + counts["train_triplets"] == len(triplets)
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "images").rglob("*.jpg")}
-    export_fashionmv(build, tmp_path)  # a rerun rewrites no image
+    export_fashionmv(stage3_build, tmp_path)  # a rerun rewrites no image
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "images").rglob("*.jpg")} == before
 
 
-def test_report_runs_on_the_build(build, tmp_path):
+def test_report_runs_on_the_build(stage3_build, tmp_path):
     from fashionmv_builder.triplets.report import write_report
 
-    report = write_report(build, tmp_path)
+    report = write_report(stage3_build, tmp_path)
     d = report["datasets"]["deepfashion"]
     assert d["share_multi_view"] == 1.0  # the schema asks for at least two views
     assert d["funnel"]["ingest"]["in"] >= d["funnel"]["triplets"]["in"] > 0
