@@ -21,6 +21,7 @@ exact reproduction of published numbers needs torchvision installed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,6 +36,7 @@ ASSISTANT_OPEN = "<|im_start|>assistant\n"
 MIN_PIXELS = 128 * 128
 MAX_PIXELS = 512 * 512
 MAX_VIEWS = 5
+_LEADING_THINK = re.compile(r"^<think>.*?</think>\n\n", re.DOTALL)
 
 Message = dict[str, object]
 Images = Sequence[Image.Image]
@@ -92,8 +94,24 @@ def patch_think(rendered: str) -> str:
     return ASSISTANT_OPEN.join([head, *patched])
 
 
-def render(processor: Qwen3VLProcessor, messages: list[Message]) -> str:
-    return patch_think(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False))
+def think_block(text: str = "") -> str:
+    """A think block: empty at inference (`think_block() == EMPTY_THINK`), the kept caption words in CoT training."""
+    return f"<think>\n{text}\n</think>\n\n"
+
+
+def fill_think(rendered: str, thinks: Sequence[str | None]) -> str:
+    """Replace the think block of assistant turn k with `think_block(thinks[k])` where that is not None."""
+    head, *turns = rendered.split(ASSISTANT_OPEN)
+    for k, text in enumerate(thinks[: len(turns)]):
+        if text is not None:
+            turns[k] = think_block(text) + _LEADING_THINK.sub("", turns[k], count=1)
+    return ASSISTANT_OPEN.join([head, *turns])
+
+
+def render(processor: Qwen3VLProcessor, messages: list[Message], thinks: Sequence[str | None] = ()) -> str:
+    """The chat template's prompt with a think block in every assistant turn; `thinks` fills some (CoT)."""
+    rendered = patch_think(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False))
+    return fill_think(rendered, thinks) if thinks else rendered
 
 
 # ---- loading -------------------------------------------------------------------------------------------------------
@@ -130,10 +148,15 @@ def first_and_last(input_ids: torch.Tensor, token_id: int) -> tuple[torch.Tensor
 
 
 def tokenize(
-    processor: Qwen3VLProcessor, conversations: Sequence[list[Message]], images: Sequence[Images]
+    processor: Qwen3VLProcessor,
+    conversations: Sequence[list[Message]],
+    images: Sequence[Images],
+    thinks: Sequence[Sequence[str | None]] | None = None,
 ) -> BatchFeature:
-    """Render and tokenize a batch, right-padded; `images[i]` are the images of conversation i, in order."""
-    prompts = [render(processor, messages) for messages in conversations]
+    """Render and tokenize a batch, right-padded; `images[i]` are the images of conversation i, in order, and
+    `thinks[i]` the think texts of its assistant turns (None: empty)."""
+    thinks = thinks or [()] * len(conversations)
+    prompts = [render(processor, messages, think) for messages, think in zip(conversations, thinks, strict=True)]
     flat = [img for views in images for img in views]
     return processor(
         text=prompts,
@@ -145,19 +168,32 @@ def tokenize(
     )
 
 
-def prepare_docs(processor: Qwen3VLProcessor, products: Sequence[Images]) -> BatchFeature:
-    """Document prompts; like the reference, only the first five views of a product are used."""
+def _first_turn(cot: Sequence[str] | None, count: int) -> list[tuple[str | None, ...]] | None:
+    """Think texts per conversation: the CoT text in the first assistant turn only (the paper: no CoT in turn 2)."""
+    return None if cot is None else [(text,) for text in cot[:count]]
+
+
+def prepare_docs(
+    processor: Qwen3VLProcessor, products: Sequence[Images], cot: Sequence[str] | None = None
+) -> BatchFeature:
+    """Document prompts; like the reference, only the first five views of a product are used. `cot[i]` fills the
+    think block of product i (training with chain-of-thought guidance)."""
     products = [views[:MAX_VIEWS] for views in products]
-    return tokenize(processor, [doc_messages(len(views)) for views in products], products)
+    conversations = [doc_messages(len(views)) for views in products]
+    return tokenize(processor, conversations, products, _first_turn(cot, len(products)))
 
 
 def prepare_queries(
-    processor: Qwen3VLProcessor, sources: Sequence[Images], texts: Sequence[str], two_turn: bool = True
+    processor: Qwen3VLProcessor,
+    sources: Sequence[Images],
+    texts: Sequence[str],
+    two_turn: bool = True,
+    cot: Sequence[str] | None = None,
 ) -> BatchFeature:
     sources = [views[:MAX_VIEWS] for views in sources]
     frame = query_messages if two_turn else single_turn_messages
     conversations = [frame(len(views), text) for views, text in zip(sources, texts, strict=True)]
-    return tokenize(processor, conversations, sources)
+    return tokenize(processor, conversations, sources, _first_turn(cot, len(sources)))
 
 
 def prepare_texts(processor: Qwen3VLProcessor, texts: Sequence[str]) -> BatchFeature:
@@ -203,18 +239,24 @@ class ProCIREncoder(torch.nn.Module):
 
     # -- forward --
 
-    def hidden_states(self, inputs: BatchFeature) -> torch.Tensor:
-        """Last-layer hidden states of the backbone (no LM head), [batch, seq, hidden]."""
-        backbone = self.vlm.model
+    def _run(self, module: torch.nn.Module, inputs: BatchFeature, **extra: torch.Tensor):
         tensors = {k: v.to(self.device) for k, v in inputs.items()}
         if "pixel_values" in tensors:
             tensors["pixel_values"] = tensors["pixel_values"].to(self.vlm.dtype)
-        # M-RoPE deltas are cached on the module; a stale value from another batch would shift positions.
-        backbone.rope_deltas = None
+        # M-RoPE deltas are cached on the backbone; a stale value from another batch would shift positions.
+        self.vlm.model.rope_deltas = None
         try:
-            return backbone(**tensors, use_cache=False).last_hidden_state
+            return module(**tensors, **extra, use_cache=False)
         finally:
-            backbone.rope_deltas = None
+            self.vlm.model.rope_deltas = None
+
+    def hidden_states(self, inputs: BatchFeature) -> torch.Tensor:
+        """Last-layer hidden states of the backbone (no LM head), [batch, seq, hidden]."""
+        return self._run(self.vlm.model, inputs).last_hidden_state
+
+    def lm_loss(self, inputs: BatchFeature, labels: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy of the full model (LM head included) where `labels` is not -100 (SFT)."""
+        return self._run(self.vlm, inputs, labels=labels.to(self.device)).loss
 
     def pooled(self, inputs: BatchFeature) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states at the first and the last `<emb_all>` of each row: (s, q) for queries, (d, d) for docs."""

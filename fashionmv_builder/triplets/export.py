@@ -62,7 +62,9 @@ def export_fashionmv(config: RunConfig, out: Path, datasets: list[str] | None = 
                 if split == "train":
                     record["long_caption"] = by_id[pid]["long_caption"]
                 captions[split].append(record)
-        images_written += _write_images(config, dataset, in_split["train"] | in_split["val"], out / "images" / dataset)
+        images_written += write_product_images(
+            config, dataset, in_split["train"] | in_split["val"], out / "images" / dataset
+        )
     counts = {}
     for split in SPLITS:
         _write_jsonl(out / f"{split}_triplets.jsonl", triplets[split])
@@ -73,7 +75,7 @@ def export_fashionmv(config: RunConfig, out: Path, datasets: list[str] | None = 
     return counts
 
 
-def _write_images(config: RunConfig, dataset: str, products: set[str], folder: Path) -> int:
+def write_product_images(config: RunConfig, dataset: str, products: set[str], folder: Path) -> int:
     """The kept views of `products`, one ingest shard at a time (bytes are never all in memory)."""
     kept: set[tuple[str, int]] = set()
     for v in ShardStore(config.output_dir, "dedupe", dataset).read_table("views").to_pylist():

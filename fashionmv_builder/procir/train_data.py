@@ -1,0 +1,107 @@
+"""Training data for ProCIR: FashionMV's released train files, or the train split of one of our builds.
+
+Either way the trainer gets the same `TrainSet`: triplets, captions (short and long) per product, image paths per
+product (the first five, as the evaluator lists them), and per-view captions where the source has them (our builds
+do; FashionMV's release may not), which the SFT caption task uses.
+
+A triplet whose source or target has no image or no caption cannot be trained on: it is skipped with a reason, and
+the counts come back so a user sees what was left out (`in = kept + skipped`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fashionmv_builder.config import RunConfig
+from fashionmv_builder.procir.data import Caption, Triplet, list_views, read_captions, read_triplets
+from fashionmv_builder.procir.recall import ProductKey
+from fashionmv_builder.shards import ShardStore
+from fashionmv_builder.triplets.export import write_product_images
+
+log = logging.getLogger("fashionmv")
+
+TRAIN_TRIPLETS = "train_triplets.jsonl"
+TRAIN_CAPTIONS = "train_captions.jsonl"
+
+
+@dataclass
+class TrainSet:
+    triplets: list[Triplet]
+    captions: dict[ProductKey, Caption]
+    views: dict[ProductKey, list[Path]]
+    view_captions: dict[ProductKey, list[str]] = field(default_factory=dict)
+    skipped: Counter = field(default_factory=Counter)
+
+    def products(self) -> list[ProductKey]:
+        """Every source and target product, sorted (the SFT caption task's samples)."""
+        return sorted({(t.dataset, pid) for t in self.triplets for pid in (t.source_id, t.target_id)})
+
+
+def _usable(
+    triplets: Sequence[Triplet], captions: dict[ProductKey, Caption], views: dict[ProductKey, list[Path]]
+) -> tuple[list[Triplet], Counter]:
+    kept, skipped = [], Counter()
+    for t in triplets:
+        for role, pid in (("source", t.source_id), ("target", t.target_id)):
+            key = (t.dataset, pid)
+            reason = "no_images" if not views.get(key) else "no_caption" if key not in captions else None
+            if reason:
+                if sum(skipped.values()) < 5:  # the first few by name; the rest are counted
+                    log.warning("skipping triplet %d: %s %s/%s has %s", t.index, role, *key, reason.replace("_", " "))
+                skipped[f"{role}_{reason}"] += 1
+                break
+        else:
+            kept.append(t)
+    return kept, skipped
+
+
+def load_fashionmv_train(data_dir: Path, image_root: Path, datasets: Sequence[str] | None = None) -> TrainSet:
+    """FashionMV's `train_triplets.jsonl` and `train_captions.jsonl` with the `images/<dataset>/<id>/` folders."""
+    triplets = read_triplets(data_dir / TRAIN_TRIPLETS, datasets)
+    captions = read_captions(data_dir / TRAIN_CAPTIONS)
+    keys = sorted({(t.dataset, pid) for t in triplets for pid in (t.source_id, t.target_id)})
+    views = {key: paths for key in keys if (paths := list_views(image_root, *key))}
+    kept, skipped = _usable(triplets, captions, views)
+    return TrainSet(kept, captions, views, skipped=skipped)
+
+
+def load_build_train(config: RunConfig, image_root: Path, split: str = "train") -> TrainSet:
+    """One split of a build, read from its Parquet shards (triplets and captions tables).
+
+    The kept views of the products involved are written once under `image_root/<dataset>/<id>/` (a rerun rewrites
+    nothing), so data-loader workers open files instead of each holding the build's image bytes."""
+    triplets: list[Triplet] = []
+    captions: dict[ProductKey, Caption] = {}
+    view_captions: dict[ProductKey, list[str]] = {}
+    for source in config.sources:
+        dataset = source.dataset
+        rows = ShardStore(config.output_dir, "triplets", dataset).read_table("triplets").to_pylist()
+        rows = sorted((r for r in rows if r["split"] == split), key=lambda r: r["triplet_id"])
+        for r in rows:
+            triplets.append(
+                Triplet(
+                    index=len(triplets),
+                    dataset=dataset,
+                    source_id=r["source_id"],
+                    target_id=r["target_id"],
+                    modification_text_short=r["modification_text_short"],
+                    modification_text_long=r["modification_text_long"],
+                    views_involved=tuple(r["views_involved"]),
+                )
+            )
+        involved = {pid for r in rows for pid in (r["source_id"], r["target_id"])}
+        for c in ShardStore(config.output_dir, "caption", dataset).read_table("captions").to_pylist():
+            if c["product_id"] in involved:
+                key = (dataset, c["product_id"])
+                captions[key] = Caption(dataset, c["product_id"], c["short_caption"], c["long_caption"])
+                ordered = sorted(c["view_captions"] or [], key=lambda v: v["view_index"])
+                view_captions[key] = [f"{v['view_type']}: {v['caption']}" for v in ordered]
+        write_product_images(config, dataset, involved, image_root / dataset)
+    keys = sorted({(t.dataset, pid) for t in triplets for pid in (t.source_id, t.target_id)})
+    views = {key: paths for key in keys if (paths := list_views(image_root, *key))}
+    kept, skipped = _usable(triplets, captions, views)
+    return TrainSet(kept, captions, views, view_captions, skipped)

@@ -1,0 +1,269 @@
+"""The ProCIR trainer on CPU with the tiny random Qwen3.5: losses by hand, schedules, SFT labels, all 16
+configurations, and a 2-process (gloo) step that must equal a 1-process step on the same global batch."""
+
+import json
+import math
+import random
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from fashionmv_builder.cli import app
+from fashionmv_builder.procir.losses import StepEmbeddings, duplicate_mask, procir_loss, sym_info_nce
+from fashionmv_builder.procir.model import EMB_TOKEN, ProCIREncoder, prepare_docs, prepare_queries, render
+from fashionmv_builder.procir.schedule import cot_keep_ratio, keep_words
+from fashionmv_builder.procir.sft import IGNORE, caption_sample, prepare_sft, triplet_sample
+from fashionmv_builder.procir.train import (
+    TrainConfig,
+    all_configurations,
+    average_gradients,
+    contrastive_loss,
+    iter_log,
+    prepare_contrastive,
+    step_indices,
+    train,
+)
+from fashionmv_builder.procir.train_data import load_fashionmv_train
+
+PRODUCTS = 8
+
+
+def _write_train_fixture(root: Path) -> tuple[Path, Path]:
+    """Eight f200k products with two views each, a ring of triplets, captions for all but product 107."""
+    rng = np.random.default_rng(0)
+    for i in range(PRODUCTS):
+        folder = root / "images" / "f200k" / str(100 + i)
+        folder.mkdir(parents=True)
+        for view in range(2):
+            Image.fromarray(rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)).save(folder / f"{view}.jpg")
+    data = root / "data"
+    data.mkdir()
+    triplets = [
+        {
+            "source_id": 100 + i,
+            "target_id": 100 + (i + 1) % PRODUCTS,
+            "dataset": "f200k",
+            "modification_text_short": f"make it colour {i}",
+            "modification_text_long": f"make it colour {i}, keep the cut and add a longer hem",
+        }
+        for i in range(PRODUCTS)
+    ]
+    triplets.append({**triplets[0], "target_id": 999, "modification_text_short": "no images for this target"})
+    captions = [
+        {"product_id": 100 + i, "dataset": "f200k", "short_caption": f"shirt {i}", "long_caption": f"a long shirt {i}"}
+        for i in range(PRODUCTS - 1)
+    ]
+    (data / "train_triplets.jsonl").write_text("".join(json.dumps(t) + "\n" for t in triplets))
+    (data / "train_captions.jsonl").write_text("".join(json.dumps(c) + "\n" for c in captions))
+    return data, root / "images"
+
+
+@pytest.fixture(scope="module")
+def train_dirs(tmp_path_factory):
+    return _write_train_fixture(tmp_path_factory.mktemp("fashionmv-train"))
+
+
+@pytest.fixture(scope="module")
+def train_set(train_dirs):
+    return load_fashionmv_train(*train_dirs)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny-procir")
+    result = CliRunner().invoke(app, ["build-tiny-procir", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+# ---- losses ---------------------------------------------------------------------------------------------------------
+
+
+def _info_nce_by_hand(x: np.ndarray, y: np.ndarray, tau: float, masked: set[tuple[int, int]]) -> float:
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    y = y / np.linalg.norm(y, axis=1, keepdims=True)
+    sims = x @ y.T / tau
+
+    def direction(s: np.ndarray, mask: set[tuple[int, int]]) -> float:
+        losses = []
+        for i in range(len(s)):
+            kept = [math.exp(s[i, j]) for j in range(len(s)) if (i, j) not in mask]
+            losses.append(-math.log(math.exp(s[i, i]) / sum(kept)))
+        return sum(losses) / len(losses)
+
+    return (direction(sims, masked) + direction(sims.T, {(j, i) for i, j in masked})) / 2
+
+
+X = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 2.0]])
+Y = np.array([[0.9, 0.1], [0.0, 1.0], [-1.0, 1.0]])
+
+
+def test_sym_info_nce_equals_the_hand_computed_value():
+    got = sym_info_nce(torch.tensor(X), torch.tensor(Y), tau=0.07)
+    assert got.item() == pytest.approx(_info_nce_by_hand(X, Y, 0.07, set()), rel=1e-5)
+
+
+def test_duplicate_products_are_not_negatives():
+    keys = ["a", "b", "b"]  # rows 1 and 2 stand for the same product (x2 is closer to y1 than to y2)
+    assert duplicate_mask(keys).tolist() == [[False, False, False], [False, False, True], [False, True, False]]
+    got = sym_info_nce(torch.tensor(X), torch.tensor(Y), keys, tau=0.07)
+    assert got.item() == pytest.approx(_info_nce_by_hand(X, Y, 0.07, {(1, 2), (2, 1)}), rel=1e-5)
+    assert got.item() != pytest.approx(_info_nce_by_hand(X, Y, 0.07, set()), rel=1e-3)
+
+
+def test_total_loss_weights_doc_and_source_alignment_by_a_quarter():
+    rng = np.random.default_rng(1)
+    q, d, s, t_tgt, t_src = (torch.tensor(rng.normal(size=(3, 4))) for _ in range(5))
+    e = StepEmbeddings(q, d, ["t1", "t2", "t3"], ["s1", "s2", "s3"], s, t_tgt, t_src)
+    parts = procir_loss(e)
+    hand = {
+        "cir": _info_nce_by_hand(q.numpy(), d.numpy(), 0.07, set()),
+        "doc": _info_nce_by_hand(d.numpy(), t_tgt.numpy(), 0.07, set()),
+        "src": _info_nce_by_hand(s.numpy(), t_src.numpy(), 0.07, set()),
+    }
+    for name, value in hand.items():
+        assert parts[name].item() == pytest.approx(value, rel=1e-5)
+    assert parts["total"].item() == pytest.approx(hand["cir"] + 0.25 * hand["doc"] + 0.25 * hand["src"], rel=1e-5)
+    no_align = procir_loss(StepEmbeddings(q, d, ["t1", "t2", "t3"], ["s1", "s2", "s3"], s))
+    assert set(no_align) == {"cir", "total"} and no_align["total"].item() == pytest.approx(hand["cir"], rel=1e-5)
+
+
+# ---- schedules and batches ------------------------------------------------------------------------------------------
+
+
+def test_cot_keep_ratio_falls_linearly_to_zero_at_half_of_training():
+    assert [cot_keep_ratio(t, 100) for t in (0, 25, 50, 75, 99)] == [1.0, 0.5, 0.0, 0.0, 0.0]
+
+
+def test_keep_words_keeps_the_ceiling_in_order():
+    text = "one two three four five six seven"
+    kept = keep_words(text, 0.5, random.Random(0)).split()
+    assert len(kept) == 4  # ⌈0.5·7⌉
+    assert kept == [w for w in text.split() if w in kept]  # original order
+    assert keep_words(text, 1.0, random.Random(0)) == text and keep_words(text, 0.0, random.Random(0)) == ""
+
+
+def test_each_pass_covers_every_triplet_once_and_ranks_split_the_global_batch():
+    first_pass = [i for step in range(3) for i in step_indices(12, 4, step, seed=0)]
+    assert sorted(first_pass) == list(range(12))
+    assert step_indices(12, 4, 3, seed=0) != step_indices(12, 4, 0, seed=0)  # a new shuffle for the next pass
+    assert len(step_indices(5, 4, 7, seed=0)) == 4  # batches stay full across pass boundaries
+
+
+def test_cot_fills_the_document_and_turn_one_only(encoder):
+    views = [[Image.new("RGB", (64, 64))]]
+    doc = encoder.processor.tokenizer.decode(prepare_docs(encoder.processor, views, cot=["red silk"])["input_ids"][0])
+    assert "<think>\nred silk\n</think>" in doc
+    query = prepare_queries(encoder.processor, views, ["make it blue"], cot=["red silk"])["input_ids"][0]
+    rendered = encoder.processor.tokenizer.decode(query)
+    assert rendered.count("<think>\nred silk\n</think>") == 1
+    assert rendered.index("red silk") < rendered.index(EMB_TOKEN) < rendered.index("make it blue")
+    assert rendered.endswith(f"<think>\n\n</think>\n\n{EMB_TOKEN}<|im_end|>\n")  # turn 2 has an empty block
+
+
+def test_training_data_skips_triplets_without_images_or_captions(train_set):
+    assert len(train_set.triplets) == PRODUCTS - 2  # 106->107 and 107->100 lack a caption; 100->999 has no images
+    assert dict(train_set.skipped) == {"target_no_caption": 1, "source_no_caption": 1, "target_no_images": 1}
+
+
+# ---- SFT ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_dir):
+    return ProCIREncoder.from_pretrained(tiny_dir)
+
+
+def test_sft_labels_cover_assistant_tokens_only(encoder, train_set):
+    tokenizer = encoder.processor.tokenizer
+    samples = [caption_sample(train_set, ("f200k", "101")), triplet_sample(train_set, train_set.triplets[0])]
+    inputs, labels = prepare_sft(encoder.processor, samples)
+    caption_answer = tokenizer.decode([t for t in labels[0].tolist() if t != IGNORE])
+    assert '"short_caption": "shirt 1"' in caption_answer and "<think>\na long shirt 1\n</think>" in caption_answer
+    assert "image_pad" not in caption_answer and "user" not in caption_answer
+    triplet_answer = tokenizer.decode([t for t in labels[1].tolist() if t != IGNORE])
+    assert triplet_answer.count(EMB_TOKEN) == 2 and "modification_text_short" in triplet_answer
+    assert "Write the modification text" not in triplet_answer  # the user's instruction carries no loss
+    assert (labels[inputs["attention_mask"] == 0] == IGNORE).all()
+    rendered = render(encoder.processor, samples[1].messages, samples[1].thinks)
+    assert rendered.count("<|im_start|>assistant\n<think>") == 3
+
+
+# ---- training -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cfg", all_configurations(batch_size=3, max_steps=2, sft_max_steps=2), ids=lambda c: c.variant)
+def test_every_configuration_trains_two_steps(cfg, tiny_dir, train_set, tmp_path):
+    encoder = ProCIREncoder.from_pretrained(tiny_dir)
+    before = [p.detach().clone() for p in encoder.vlm.parameters()]
+    summary = train(encoder, train_set, cfg, tmp_path)
+    entries = list(iter_log(tmp_path))
+    assert [e["stage"] for e in entries] == ["sft"] * 2 * cfg.sft + ["contrastive"] * 2
+    losses = {k for k in entries[-1] if k.startswith("loss_")}
+    expected = {"loss_cir", "loss_total"} | ({"loss_doc"} if cfg.align else set())
+    assert losses == expected | ({"loss_src"} if cfg.align and cfg.mt else set())
+    assert all(math.isfinite(e["loss_total"]) for e in entries)
+    assert entries[0]["lr"] == 1e-5 and entries[-1]["lr"] < 1e-5  # cosine decay, no warm-up
+    assert any(not torch.equal(a, b) for a, b in zip(before, encoder.vlm.parameters(), strict=True))
+    assert summary["variant"] == cfg.variant and (tmp_path / "model.safetensors").exists()
+
+
+def test_configuration_names_cover_the_papers_table():
+    names = {c.variant for c in all_configurations()}
+    assert len(names) == 16 and "sft+mt+align" in names and "pretrained+single-turn" in names
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_step(encoder: ProCIREncoder, train_set, cfg: TrainConfig, rank: int, world: int) -> tuple[float, torch.Tensor]:
+    batch = prepare_contrastive(encoder.processor, train_set, cfg, step=0, steps=4, rank=rank, world=world)
+    loss = contrastive_loss(encoder, batch, cfg)["total"]
+    loss.backward()
+    average_gradients(encoder.vlm.parameters())
+    grads = torch.cat([p.grad.flatten() for p in encoder.vlm.parameters() if p.grad is not None])
+    return loss.item(), grads
+
+
+def _rank_main(rank: int, port: int, tiny_dir: Path, train_set, cfg: TrainConfig, out) -> None:
+    torch.set_num_threads(1)  # the parent's OpenMP thread pool does not survive fork
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        out.put((rank, _one_step(ProCIREncoder.from_pretrained(tiny_dir), train_set, cfg, rank, 2)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_processes_gather_negatives_like_one_process(tiny_dir, train_set):
+    """Batch 2 on each of 2 gloo processes = batch 4 on one: same loss and same gradients. Without the gather a
+    process would score against 2 candidates, not 4 (a loss near 1.5·log 2 instead of 1.5·log 4)."""
+    cfg = TrainConfig(batch_size=2, mt=True, align=True, cot=True)
+    context = torch.multiprocessing.get_context("fork")
+    out = context.Queue()
+    port = _free_port()
+    procs = [context.Process(target=_rank_main, args=(r, port, tiny_dir, train_set, cfg, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(out.get(timeout=120) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
+    single_loss, single_grads = _one_step(
+        ProCIREncoder.from_pretrained(tiny_dir), train_set, cfg.model_copy(update={"batch_size": 4}), 0, 1
+    )
+    for rank in (0, 1):
+        loss, grads = got[rank]
+        assert loss == pytest.approx(single_loss, rel=1e-4)
+        torch.testing.assert_close(grads, single_grads, rtol=1e-3, atol=1e-6)
