@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from fashionmv_builder.cli import app
 from fashionmv_builder.procir.data import load_eval_data
-from fashionmv_builder.procir.evaluate import QUERY_MODES, encode_gallery, run_evaluation
+from fashionmv_builder.procir.evaluate import QUERY_MODES, encode_gallery, join_views, run_evaluation, split_views
 from fashionmv_builder.procir.model import ProCIREncoder
 from fashionmv_builder.procir.recall import results_json
 
@@ -160,3 +160,27 @@ def test_two_processes_match_one(encoder, tiny_dir, fixture_dirs):
     single = run_evaluation(encoder, load_eval_data(*fixture_dirs, DATASETS), DATASETS, batch_size=2)
     assert got[1] is None  # only rank 0 scores
     assert got[0] == ([(r.dataset, r.queries, r.gallery) for r in single], results_json(single))
+
+
+@pytest.mark.parametrize("encoding", ["meanpool", "maxsim"])
+def test_view_wise_encodings_score_every_product_and_query_once(encoder, fixture_dirs, encoding):
+    data = load_eval_data(*fixture_dirs, DATASETS)
+    joint = run_evaluation(encoder, data, DATASETS, batch_size=4)
+    got = run_evaluation(encoder, data, DATASETS, batch_size=4, encoding=encoding)
+    assert [(r.dataset, r.queries, r.gallery) for r in got] == [(r.dataset, r.queries, r.gallery) for r in joint]
+
+
+def test_view_wise_split_and_join_round_trip(encoder, fixture_dirs):
+    data = load_eval_data(*fixture_dirs, DATASETS)
+    views = split_views(data)
+    assert len(views.gallery) == sum(len(p) for p in data.views.values())
+    assert len(views.queries) == sum(len(data.views[(t.dataset, t.source_id)]) for t in data.queries)
+    gallery = encode_gallery(encoder, views.gallery, views.views, batch_size=4, workers=0)
+    pooled, _ = join_views(gallery, [], "meanpool")
+    assert sorted(pooled) == data.gallery
+    # A one-view product's mean-pooled vector is its document embedding, normalised.
+    one_view = ("f200k", "90456813")
+    doc = encode_gallery(encoder, [one_view], data.views, batch_size=1, workers=0)[one_view]
+    np.testing.assert_allclose(pooled[one_view], doc / np.linalg.norm(doc), rtol=1e-4, atol=1e-5)
+    stacked, _ = join_views(gallery, [], "maxsim")
+    assert stacked[("fashiongen_val", "95636")].shape[0] == 5  # its first five views, one row each

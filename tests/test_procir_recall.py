@@ -8,6 +8,7 @@ import pytest
 from fashionmv_builder.procir.recall import (
     DatasetRecall,
     QueryResult,
+    maxsim_scores,
     merge_gallery,
     merge_queries,
     recall_at_k,
@@ -136,3 +137,18 @@ def test_gathered_gallery_first_part_wins_and_keys_are_sorted():
     merged = merge_gallery([first, second])
     assert list(merged) == [("c", "z"), ("d", "a"), ("d", "b")]
     assert merged[("d", "a")].tolist() == [2.0]
+
+
+def test_maxsim_scores_take_the_best_pair_of_views():
+    queries = [np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[1.0, 1.0]])]
+    gallery = [np.array([[0.0, 2.0]]), np.array([[1.0, -1.0], [3.0, 0.0], [-1.0, 0.0]])]
+    half = 1 / np.sqrt(2)
+    expected = [[1.0, 1.0], [half, half]]  # query 0: view 2 matches gallery 0, view 1 matches gallery 1's view 2
+    np.testing.assert_allclose(maxsim_scores(queries, gallery), expected, rtol=1e-6)
+
+
+def test_multi_vector_items_are_ranked_by_maxsim():
+    gallery = [np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[1.0, 1.0]])]
+    query = [np.array([[0.0, 1.0]])]  # MaxSim: 1.0 for item 0, 0.71 for item 1; a mean vector would tie them
+    assert recall_at_k(query, gallery, np.array([0]), ks=(1,)) == {1: 100.0}
+    assert recall_at_k(query, gallery, np.array([1]), ks=(1,)) == {1: 0.0}

@@ -20,6 +20,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from PIL import Image
 from transformers import BatchFeature, Qwen3VLProcessor
 from transformers.utils import is_torchvision_available
 
-from fashionmv_builder.procir.data import VAL_DATASETS, EvalData, Triplet, load_eval_data, load_views
+from fashionmv_builder.procir.data import MAX_VIEWS, VAL_DATASETS, EvalData, Triplet, load_eval_data, load_views
 from fashionmv_builder.procir.model import (
     MAX_PIXELS,
     MIN_PIXELS,
@@ -41,6 +42,7 @@ from fashionmv_builder.procir.recall import (
     DatasetRecall,
     ProductKey,
     QueryResult,
+    l2_normalise,
     merge_gallery,
     merge_queries,
     recall_by_dataset,
@@ -51,6 +53,11 @@ log = logging.getLogger("fashionmv")
 
 # How a query is encoded: the ProCIR two-turn dialogue, the single-turn baseline, or one modality alone.
 QUERY_MODES = ("two-turn", "single-turn", "text-only", "image-only")
+# How a product's views become embeddings: all in one prompt (Joint, ProCIR's way), or each view alone, then averaged
+# (MeanPool) or kept as one vector per view and scored by the best pair (MaxSim): the three encodings of FashionMV's
+# baseline table, so a single-image model can be compared on the same protocol.
+ENCODINGS = ("joint", "meanpool", "maxsim")
+_VIEW_SEP = "#view"
 
 
 def process_rank() -> tuple[int, int]:
@@ -167,13 +174,19 @@ def run_evaluation(
     mode: str = "two-turn",
     workers: int = 0,
     sources_from_queries: bool = False,
+    encoding: str = "joint",
 ) -> list[DatasetRecall] | None:
     """All three phases; every process encodes its share, and the merged recall comes back on rank 0 only.
 
     Each process batches its share shortest first, so a batch pads little. With `sources_from_queries`, a product
     that is some query's source is not encoded as a document: its s from the query pass (equal to d up to float
-    noise) takes its gallery place, which saves one forward per source.
+    noise) takes its gallery place, which saves one forward per source. With a view-wise `encoding` every view is
+    encoded alone (each query once per source view) and pooled afterwards; source reuse does not apply there.
     """
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r}; one of {', '.join(ENCODINGS)}")
+    if encoding != "joint":
+        data, sources_from_queries = split_views(data), False
     rank, world = process_rank()
     cost = {key: pixel_cost(paths) for key, paths in data.views.items()}
     reused = {(t.dataset, t.source_id) for t in data.queries} if sources_from_queries and mode == "two-turn" else set()
@@ -184,11 +197,54 @@ def run_evaluation(
     galleries, query_parts, source_parts = gather(gallery_part), gather(query_part), gather(source_part)
     if rank != 0:
         return None
-    gallery = merge_gallery(galleries)
-    added = reuse_sources(gallery, merge_gallery(source_parts))
-    merged = merge_queries(query_parts)
+    gallery, merged = merge_gallery(galleries), merge_queries(query_parts)
+    if encoding == "joint":
+        added = reuse_sources(gallery, merge_gallery(source_parts))
+    else:
+        added = 0
+        gallery, merged = join_views(gallery, merged, encoding)
     log.info("gallery %d products (%d added by source reuse), %d queries", len(gallery), added, len(merged))
     return recall_by_dataset(gallery, merged, datasets)
+
+
+def split_views(data: EvalData) -> EvalData:
+    """Every view as an item of its own: product id P becomes "P#view<i>", and query j with m source views becomes m
+    queries, one per view, with index j·MAX_VIEWS + i (so the merge across processes still counts each once)."""
+    views = {
+        (dataset, f"{pid}{_VIEW_SEP}{i}"): [path]
+        for (dataset, pid), paths in data.views.items()
+        for i, path in enumerate(paths)
+    }
+    queries = [
+        replace(t, index=t.index * MAX_VIEWS + i, source_id=f"{t.source_id}{_VIEW_SEP}{i}")
+        for t in data.queries
+        for i in range(len(data.views[(t.dataset, t.source_id)]))
+    ]
+    return EvalData(views=views, gallery=sorted(views), queries=queries)
+
+
+def join_views(
+    gallery: dict[ProductKey, np.ndarray], queries: list[QueryResult], encoding: str
+) -> tuple[dict[ProductKey, np.ndarray], list[QueryResult]]:
+    """Per-view embeddings back to products: the mean of unit vectors (meanpool) or a [views, dim] array (maxsim)."""
+
+    def pool(vectors: list[np.ndarray]) -> np.ndarray:
+        stacked = l2_normalise(np.stack(vectors))
+        return stacked.mean(axis=0) if encoding == "meanpool" else stacked
+
+    products: dict[ProductKey, list[np.ndarray]] = {}
+    for (dataset, item), emb in gallery.items():
+        products.setdefault((dataset, item.rsplit(_VIEW_SEP, 1)[0]), []).append(emb)
+    grouped: dict[int, list[QueryResult]] = {}
+    for q in queries:
+        grouped.setdefault(q.index // MAX_VIEWS, []).append(q)
+    joined = [
+        QueryResult(
+            index, g[0].dataset, g[0].source_id.rsplit(_VIEW_SEP, 1)[0], g[0].target_id, pool([q.embedding for q in g])
+        )
+        for index, g in grouped.items()
+    ]
+    return {key: pool(v) for key, v in sorted(products.items())}, joined
 
 
 def init_distributed() -> None:
@@ -216,6 +272,7 @@ def evaluate(
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
     sources_from_queries: bool = False,
+    encoding: str = "joint",
 ) -> list[DatasetRecall] | None:
     """Load the model and evaluate; rank 0 writes eval_results.json and returns the results, other ranks None."""
     device = device or default_device()
@@ -225,7 +282,7 @@ def evaluate(
         log.warning("torchvision is not installed: the PIL image processor may differ by one 8-bit level per pixel")
     encoder = ProCIREncoder.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     data = load_eval_data(data_dir, image_root, datasets)
-    results = run_evaluation(encoder, data, datasets, batch_size, mode, workers, sources_from_queries)
+    results = run_evaluation(encoder, data, datasets, batch_size, mode, workers, sources_from_queries, encoding)
     if results is not None:
         write_results(output_dir, results)
     return results

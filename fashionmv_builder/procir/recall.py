@@ -29,6 +29,8 @@ RESULTS_FILE = "eval_results.json"
 _SCORE_CHUNK = 1024  # query rows scored at once: bounds memory at chunk × |gallery| floats
 
 ProductKey = tuple[str, str]  # (dataset, product_id)
+# One vector per item as rows of an array, or one [views, dim] array per item (multi-vector, scored by MaxSim).
+Embeddings = np.ndarray | list[np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -55,15 +57,30 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, np.float32(1e-12))
 
 
-def target_ranks(query_emb: np.ndarray, gallery_emb: np.ndarray, target_index: np.ndarray) -> np.ndarray:
-    """0-based rank of each query's target: gallery items scoring higher, plus equal scores earlier in the gallery."""
-    queries, gallery = l2_normalise(query_emb), l2_normalise(gallery_emb)
+def maxsim_scores(queries: Sequence[np.ndarray], gallery: Sequence[np.ndarray]) -> np.ndarray:
+    """[Q, G] MaxSim scores of multi-vector items (one row per view): the best cosine over every pair of a query's
+    vectors and a gallery item's vectors."""
+    q_starts = np.cumsum([0, *(len(v) for v in queries[:-1])])
+    g_starts = np.cumsum([0, *(len(v) for v in gallery[:-1])])
+    scores = l2_normalise(np.concatenate(queries)) @ l2_normalise(np.concatenate(gallery)).T
+    return np.maximum.reduceat(np.maximum.reduceat(scores, g_starts, axis=1), q_starts, axis=0)
+
+
+def target_ranks(query_emb: Embeddings, gallery_emb: Embeddings, target_index: np.ndarray) -> np.ndarray:
+    """0-based rank of each query's target: gallery items scoring higher, plus equal scores earlier in the gallery.
+
+    Arrays of single vectors are scored by cosine; lists of [views, dim] arrays (multi-vector) by MaxSim."""
+    multi = isinstance(query_emb, list)
+    if not multi:
+        query_emb, gallery_emb = l2_normalise(query_emb), l2_normalise(gallery_emb)
+    chunk = _SCORE_CHUNK // 8 if multi else _SCORE_CHUNK  # several rows per item: keep the score block bounded
     target_index = np.asarray(target_index, dtype=np.int64)
-    positions = np.arange(gallery.shape[0])
-    ranks = np.empty(queries.shape[0], dtype=np.int64)
-    for start in range(0, queries.shape[0], _SCORE_CHUNK):
-        stop = min(start + _SCORE_CHUNK, queries.shape[0])
-        scores = queries[start:stop] @ gallery.T
+    positions = np.arange(len(gallery_emb))
+    ranks = np.empty(len(query_emb), dtype=np.int64)
+    for start in range(0, len(query_emb), chunk):
+        stop = min(start + chunk, len(query_emb))
+        part = query_emb[start:stop]
+        scores = maxsim_scores(part, gallery_emb) if multi else part @ gallery_emb.T
         targets = target_index[start:stop]
         target_scores = scores[np.arange(stop - start), targets][:, None]
         ahead = (scores > target_scores) | ((scores == target_scores) & (positions[None, :] < targets[:, None]))
@@ -72,13 +89,13 @@ def target_ranks(query_emb: np.ndarray, gallery_emb: np.ndarray, target_index: n
 
 
 def recall_at_k(
-    query_emb: np.ndarray, gallery_emb: np.ndarray, target_index: np.ndarray, ks: Sequence[int] = KS
+    query_emb: Embeddings, gallery_emb: Embeddings, target_index: np.ndarray, ks: Sequence[int] = KS
 ) -> dict[int, float]:
     """R@K in percent for each K: how often the target is among the top min(K, |gallery|) by cosine similarity."""
     if len(target_index) == 0:
         raise ValueError("recall of zero queries is undefined")
     ranks = target_ranks(query_emb, gallery_emb, target_index)
-    size = np.asarray(gallery_emb).shape[0]
+    size = len(gallery_emb)
     return {k: 100.0 * float(np.mean(ranks < min(k, size))) for k in ks}
 
 
@@ -91,8 +108,10 @@ def recall_for_dataset(
     kept = [q for q in queries if q.dataset == dataset and (dataset, q.target_id) in position]
     if not kept:
         return None
-    gallery_emb = np.stack([gallery[key] for key in keys])
-    query_emb = np.stack([q.embedding for q in kept])
+    gallery_emb = [gallery[key] for key in keys]
+    query_emb = [q.embedding for q in kept]
+    if gallery_emb[0].ndim == 1:  # one vector per item; [views, dim] arrays are scored by MaxSim
+        gallery_emb, query_emb = np.stack(gallery_emb), np.stack(query_emb)
     targets = np.array([position[(dataset, q.target_id)] for q in kept])
     return DatasetRecall(dataset, recall_at_k(query_emb, gallery_emb, targets, ks), len(kept), len(keys))
 
