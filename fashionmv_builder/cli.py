@@ -299,10 +299,15 @@ def export_fashionmv_cmd(
 def report(
     config: ConfigArg,
     to: Annotated[Path | None, typer.Option("--to", help="folder for report.json and report.md")] = None,
+    html: Annotated[
+        bool, typer.Option("--html", help="also write report.html (plots, contact sheets) and contact_sheets/*.png")
+    ] = False,
+    sheets: Annotated[int, typer.Option("--sheets", min=0, help="contact sheets per dataset with --html")] = 2,
+    seed: Annotated[int, typer.Option("--seed", help="seed of the contact sheets' triplet sample")] = 0,
     out: OutOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Counts, text statistics, LMM cost and a modality-redundancy check of a build (JSON + Markdown)."""
+    """Counts, text statistics, LMM cost and a modality-redundancy check of a build (JSON + Markdown, HTML too)."""
     from fashionmv_builder.triplets.report import to_markdown, write_report
 
     cfg = _load(config, out, set_)
@@ -310,6 +315,11 @@ def report(
     result = write_report(cfg, folder)
     Console().print(to_markdown(result))
     console.print(f"report written to {folder}/report.json and report.md")
+    if html:
+        from fashionmv_builder.triplets.report_html import write_html_report
+
+        page = write_html_report(cfg, result, folder, sheets=sheets, seed=seed)
+        console.print(f"HTML report written to {page} ({page.stat().st_size // 1024} KiB)")
 
 
 FolderOpt = Annotated[
@@ -397,12 +407,20 @@ def stages() -> None:
 def build_tiny_procir(
     out: Annotated[Path, typer.Option(help="folder to write the model into")] = Path("build/models/tiny-procir"),
     seed: Annotated[int, typer.Option(help="random seed of the weights")] = 0,
+    full_size: Annotated[bool, typer.Option(help="Qwen3.5-0.8B's layer sizes instead (GPU speed figures)")] = False,
 ) -> None:
     """Write a tiny random-weight Qwen3.5 (ProCIR backbone) with an offline tokenizer, for tests on CPU."""
     from fashionmv_builder.procir.tiny import build_tiny_procir as build
 
-    build(out, seed=seed)
-    console.print(f"tiny ProCIR model written to {out}")
+    build(out, seed=seed, full_size=full_size)
+    console.print(f"{'0.8B-size' if full_size else 'tiny'} random ProCIR model written to {out}")
+
+
+def _quiet_openmp() -> None:
+    """Idle OpenMP threads sleep instead of spinning: on a shared CPU, spinning made forwards 20x slower."""
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _split_datasets(values: list[str] | None) -> tuple[str, ...]:
@@ -428,22 +446,22 @@ def evaluate(
     sources_from_queries: Annotated[
         bool, typer.Option(help="use a source's query-pass s as its gallery entry instead of a document pass (faster)")
     ] = False,
+    encoding: Annotated[
+        str, typer.Option(help="joint (all views in one prompt), meanpool or maxsim (each view alone)")
+    ] = "joint",
     verbose: bool = False,
 ) -> None:
     """Evaluate a ProCIR model with FashionMV's protocol: R@1/5/10 per dataset, written to eval_results.json."""
     _setup_logging(verbose)
-    import os
-
-    # Idle OpenMP threads sleep instead of spinning: on a shared CPU, spinning made forwards 20x slower.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _quiet_openmp()
     import torch
 
-    from fashionmv_builder.procir.evaluate import QUERY_MODES, init_distributed
+    from fashionmv_builder.procir.evaluate import ENCODINGS, QUERY_MODES, init_distributed
     from fashionmv_builder.procir.evaluate import evaluate as run_eval
     from fashionmv_builder.procir.recall import RESULTS_FILE, summary_line
 
-    if mode not in QUERY_MODES:
-        console.print(f"[red]unknown mode {mode!r}[/red]; one of {', '.join(QUERY_MODES)}")
+    if mode not in QUERY_MODES or encoding not in ENCODINGS:
+        console.print(f"[red]unknown mode or encoding[/red]: modes {QUERY_MODES}, encodings {ENCODINGS}")
         raise typer.Exit(2)
     init_distributed()
     results = run_eval(
@@ -457,9 +475,161 @@ def evaluate(
         workers=workers,
         device=torch.device(device) if device else None,
         sources_from_queries=sources_from_queries,
+        encoding=encoding,
     )
     if results is None:
         return  # not rank 0
     for r in results:
         console.print(summary_line(r))
     console.print(f"results written to {output_dir / RESULTS_FILE}")
+
+
+@app.command()
+def train(
+    model: Annotated[Path, typer.Option(help="initial model folder (Qwen3.5 checkpoint with tokenizer/processor)")],
+    out: Annotated[Path, typer.Option("--out", help="folder for the trained model, train_log.jsonl, summary")],
+    build: Annotated[Path | None, typer.Option(help="train on this build's train split (its run config)")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="or: FashionMV folder with train_*.jsonl")] = None,
+    image_root: Annotated[Path | None, typer.Option(help="with --data-dir: the images/ folder")] = None,
+    datasets: Annotated[list[str] | None, typer.Option(help="only these dataset tags (FashionMV files)")] = None,
+    mt: Annotated[bool, typer.Option(help="two-turn queries (s and q)")] = True,
+    align: Annotated[bool, typer.Option(help="caption alignment losses")] = True,
+    cot: Annotated[bool, typer.Option(help="chain-of-thought guidance with progressive dropping")] = False,
+    sft: Annotated[bool, typer.Option(help="run the SFT stage first")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="triplets per process per step")] = 16,
+    epochs: Annotated[float, typer.Option(help="passes over the triplets")] = 1.0,
+    max_steps: Annotated[int | None, typer.Option(help="stop after this many contrastive steps")] = None,
+    sft_max_steps: Annotated[int | None, typer.Option(help="stop SFT after this many steps")] = None,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-5,
+    seed: int = 0,
+    workers: Annotated[int, typer.Option(min=0, help="data-loader processes preparing batches")] = 0,
+    device: Annotated[str | None, typer.Option(help="torch device (default: the GPU if any, else CPU)")] = None,
+    verbose: bool = False,
+) -> None:
+    """Train ProCIR on a build or on FashionMV's files; under torchrun every process takes a slice of each batch."""
+    _setup_logging(verbose)
+    _quiet_openmp()
+    import torch
+    from pydantic import ValidationError
+
+    from fashionmv_builder.procir.evaluate import default_device, init_distributed
+    from fashionmv_builder.procir.model import ProCIREncoder
+    from fashionmv_builder.procir.train import TrainConfig
+    from fashionmv_builder.procir.train import train as run_train
+    from fashionmv_builder.procir.train_data import load_build_train, load_fashionmv_train
+
+    if (build is None) == (data_dir is None) or (data_dir is not None and image_root is None):
+        console.print("[red]give either --build CONFIG or --data-dir with --image-root[/red]")
+        raise typer.Exit(2)
+    with _one_line_errors(ConfigError, ValidationError, FileNotFoundError):
+        cfg = TrainConfig(
+            mt=mt,
+            align=align,
+            cot=cot,
+            sft=sft,
+            batch_size=batch_size,
+            epochs=epochs,
+            max_steps=max_steps,
+            sft_max_steps=sft_max_steps,
+            lr=lr,
+            seed=seed,
+            workers=workers,
+        )
+        if build is not None:
+            run_cfg = _load(build, None, None)
+            data = load_build_train(run_cfg, Path(run_cfg.output_dir) / "procir" / "images")
+        else:
+            data = load_fashionmv_train(data_dir, image_root, _split_datasets(datasets) if datasets else None)
+    init_distributed()
+    target = torch.device(device) if device else default_device()
+    encoder = ProCIREncoder.from_pretrained(model).to(target)
+    console.print(f"{cfg.variant}: {len(data.triplets)} triplets (skipped {dict(data.skipped) or 'none'})")
+    with _one_line_errors(ValueError):
+        summary = run_train(encoder, data, cfg, out)
+    last = summary["contrastive"]
+    console.print(f"{last['step'] + 1} steps, last loss {last['loss_total']:.4f}; model and log in {out}")
+
+
+# ---- Human audit of Stage-1 captions (FashionMV's 1,000-product audit, on your own build) ----------------------
+audit_app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Hand-label a sample of captions, then score the verifier."
+)
+app.add_typer(audit_app, name="audit")
+
+LabelsOpt = Annotated[Path, typer.Option("--labels", help="labels file (JSON): created, then resumed", dir_okay=False)]
+
+
+@audit_app.command("serve")
+def audit_serve(
+    config: ConfigArg,
+    labels: LabelsOpt,
+    sample: Annotated[int, typer.Option(min=1, help="products to draw (FashionMV audited 1,000)")] = 1000,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="port of the page on 127.0.0.1")] = 8765,
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    cache: Annotated[Path | None, typer.Option(help="image cache (default: one per build in the temp folder)")] = None,
+    dataset: DatasetOpt = None,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Serve the audit page: a seeded sample of captioned products (verifier removals included, verdicts hidden)."""
+    import uvicorn
+
+    from fashionmv_builder.audit.app import create_app, open_session
+    from fashionmv_builder.audit.labels import LabelsError
+
+    cfg = _load(config, out, set_)
+    try:
+        session = open_session(
+            cfg, labels, sample=sample, seed=seed, datasets=dataset, cache_dir=cache, progress=console.print
+        )
+    except (LabelsError, ValueError) as err:
+        console.print(f"[red]audit:[/red] {err}")
+        raise typer.Exit(2) from None
+    state = session.state()
+    console.print(
+        f"audit of {state['total']} products, {state['labelled']} labelled; labels saved to {labels}\n"
+        f"open http://{host}:{port}/  (Ctrl-C stops; a restart resumes at the first unlabelled item)"
+    )
+    uvicorn.run(create_app(session), host=host, port=port, log_level="warning")
+
+
+@audit_app.command("score")
+def audit_score(
+    config: ConfigArg,
+    labels: LabelsOpt,
+    json_out: Annotated[Path | None, typer.Option("--json", help="score file (default: LABELS.score.json)")] = None,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Severe-error rates and the verifier's precision/recall on left/right errors, with 95% Wilson intervals."""
+    from fashionmv_builder.audit.data import read_verdicts
+    from fashionmv_builder.audit.labels import LabelsError, labelled_items, load_labels
+    from fashionmv_builder.audit.score import score_labels, score_rows
+
+    cfg = _load(config, out, set_)
+    try:
+        doc = load_labels(labels)
+    except LabelsError as err:
+        console.print(f"[red]audit:[/red] {err}")
+        raise typer.Exit(2) from None
+    if doc is None:
+        console.print(f"[red]audit:[/red] no labels file at {labels}: run `fashionmv audit serve` first")
+        raise typer.Exit(2)
+    labelled = labelled_items(doc)
+    result = score_labels(labelled, read_verdicts(cfg, doc["datasets"]))
+    result = {"labels_file": str(labels), "seed": doc["seed"], "sample": len(doc["items"]), **result}
+    table = Table(title=f"audit: {result['labelled']} of {result['sample']} labelled ({labels})")
+    for col in ("metric", "rate", "count", "95% CI", "FashionMV"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for name, p, paper in score_rows(result):
+        ci = f"{p['ci95'][0]:.1%}–{p['ci95'][1]:.1%}" if p["ci95"] else "-"
+        rate = f"{p['rate']:.1%}" if p["rate"] is not None else "-"
+        table.add_row(name, rate, f"{p['k']}/{p['n']}", ci, f"{paper:.1%}" if paper is not None else "")
+    Console(width=max(Console().width, 100)).print(table)
+    v = result["verifier"]
+    if v["no_verdict"]:
+        console.print(f"{v['no_verdict']} labelled products have no verdict: they are left out of the verifier rows")
+    target = json_out or labels.with_name(labels.name + ".score.json")
+    target.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    console.print(f"score written to {target}")

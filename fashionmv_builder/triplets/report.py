@@ -1,21 +1,27 @@
-"""`fashionmv report`: what a build produced and how good it looks, as JSON and Markdown.
+"""`fashionmv report`: what a build produced and how good it looks, as JSON and Markdown (HTML: report_html.py).
 
-Counts per split and dataset, triplets per source, the `views_involved` distribution and the share of triplets that
-span at least two views (FashionMV: 99.83%), modification-text lengths, tokens and server-seconds per LMM stage, and a
-modality-redundancy check on the val split: R@1/5/10 of text-only (modification text against the gallery's short
-captions), image-only (source against gallery images) and composed (image and text cosines averaged) retrieval with
-the baseline embedders, computed by the ProCIR evaluator's recall code. A good CIR set needs both modalities: if
-text-only or image-only already retrieves the target, the modification text or the source is redundant.
+The funnel of products through every stage with each stage's reject reasons, views per product, caption and
+modification-text length histograms, counts per split and dataset, triplets per source, the `views_involved`
+distribution and the share of triplets that span at least two views (FashionMV: 99.83%), the verifier's removal rate,
+tokens and GPU-hours per LMM stage, and a modality-redundancy check on the val split: R@1/5/10 of text-only
+(modification text against the gallery's short captions), image-only (source against gallery images) and composed
+(image and text cosines averaged) retrieval with the baseline embedders, computed by the ProCIR evaluator's recall
+code. A good CIR set needs both modalities: if text-only or image-only already retrieves the target, the modification
+text or the source is redundant.
+
+Missing data never fails the report: a stage without stats has `None` counts, a distribution without data is empty.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from fashionmv_builder.config import RunConfig
 from fashionmv_builder.procir.recall import l2_normalise, recall_at_k
@@ -24,13 +30,107 @@ from fashionmv_builder.triplets.embed import encode_texts
 
 MEANINGFUL_GALLERY = 200
 LMM_STAGES = ("caption", "verify", "triplets")
+# Every stage a product passes, in order ("candidates" is where the train/val split happens).
+FUNNEL_STAGES = ("ingest", "dedupe", "caption", "verify", "candidates", "triplets")
+MAX_BINS = 30
+
+
+def histogram(values: list[int], max_bins: int = MAX_BINS) -> dict:
+    """Integer-width bins over whole numbers: bin i counts edges[i] <= v < edges[i + 1] (no bin is ever empty of
+    meaning: the width is the smallest integer that fits the range into `max_bins`)."""
+    if not values:
+        return {"edges": [], "counts": []}
+    low, high = min(values), max(values)
+    width = max(1, math.ceil((high - low + 1) / max_bins))
+    counts = [0] * ((high - low) // width + 1)
+    for v in values:
+        counts[(v - low) // width] += 1
+    return {"edges": [low + i * width for i in range(len(counts) + 1)], "counts": counts}
 
 
 def _words(texts: list[str]) -> dict:
-    lengths = [len(t.split()) for t in texts]
+    """Word-count summary and histogram; empty when there are no texts."""
+    lengths = [len(t.split()) for t in texts if t is not None]
     if not lengths:
         return {}
-    return {"mean": round(statistics.mean(lengths), 1), "median": statistics.median(lengths), "max": max(lengths)}
+    return {
+        "mean": round(statistics.mean(lengths), 1),
+        "median": statistics.median(lengths),
+        "max": max(lengths),
+        "histogram": histogram(lengths),
+    }
+
+
+def count_rejects(rows: list[dict]) -> dict[str, dict[str, int]]:
+    """Reject rows counted per level (product or view) and reason, most frequent first."""
+    by_level: dict[str, Counter[str]] = {}
+    for r in rows:
+        by_level.setdefault(r.get("level") or "product", Counter())[r.get("reason") or "unknown"] += 1
+    return {level: dict(c.most_common()) for level, c in sorted(by_level.items())}
+
+
+def _count(values: list) -> dict[str, int]:
+    """A distribution with string keys in numeric order (so it survives a JSON round trip unchanged)."""
+    return {str(k): n for k, n in sorted(Counter(values).items())}
+
+
+def _columns(config: RunConfig, stage: str, dataset: str, table: str, columns: list[str]) -> list[dict]:
+    """Rows of only these columns; none when the table or a column is missing (a stage that never wrote it)."""
+    try:
+        return ShardStore(config.output_dir, stage, dataset).read_table(table, columns=columns).to_pylist()
+    except (pa.ArrowInvalid, KeyError):
+        return []
+
+
+def _funnel(config: RunConfig, dataset: str) -> dict:
+    funnel = {}
+    for stage in FUNNEL_STAGES:
+        store = ShardStore(config.output_dir, stage, dataset)
+        stats = store.read_stats()
+        counts = (stats or {}).get("counts", {})
+        rejects = _columns(config, stage, dataset, "rejects", ["level", "reason"]) if stats else []
+        funnel[stage] = {
+            "in": counts.get("products_in") if stats else None,
+            "out": counts.get("products_out") if stats else None,
+            "rejects": count_rejects(rejects),
+        }
+    return funnel
+
+
+def _verifier(config: RunConfig, dataset: str) -> dict:
+    """Share of products the verifier judged hallucinated; with `verify.remove: false` they were only recorded."""
+    counts = (ShardStore(config.output_dir, "verify", dataset).read_stats() or {}).get("counts", {})
+    products = counts.get("products_in", 0)
+    if not products:
+        return {"note": "no data"}
+    removed = counts.get("verdicts_remove", 0)
+    result: dict = {"products_in": products, "verdicts_remove": removed, "removal_rate": round(removed / products, 4)}
+    result["removes"] = config.verify.remove
+    if not config.verify.remove:
+        result["note"] = "verify.remove is false: these products were only recorded, not removed"
+    return result
+
+
+def _lmm_cost(config: RunConfig) -> dict:
+    """Tokens summed over datasets; GPU-hours per stage. Every dataset of a stage runs on the same server at the
+    same time, so a stage's server-seconds are the largest of its datasets', not their sum."""
+    cost = {}
+    for stage in LMM_STAGES:
+        tokens_in = tokens_out = 0
+        seconds = None
+        for source in config.sources:
+            stats = ShardStore(config.output_dir, stage, source.dataset).read_stats() or {}
+            tokens_in += stats.get("counts", {}).get("tokens_in", 0)
+            tokens_out += stats.get("counts", {}).get("tokens_out", 0)
+            if stats.get("server_seconds") is not None:
+                seconds = max(seconds or 0.0, stats["server_seconds"])
+        cost[stage] = {
+            "tokens_in": tokens_in,
+            "tokens_out": tokens_out,
+            "server_seconds": seconds,
+            "gpu_hours": round(seconds / 3600, 4) if seconds is not None else None,
+        }
+    return cost
 
 
 def _redundancy(config: RunConfig, dataset: str, triplets: list[dict]) -> dict:
@@ -43,6 +143,8 @@ def _redundancy(config: RunConfig, dataset: str, triplets: list[dict]) -> dict:
     embeddings = {
         r["product_id"]: r for r in ShardStore(config.output_dir, "embed", dataset).read_table("embeddings").to_pylist()
     }
+    if any(p not in embeddings for p in gallery):
+        return {"note": "no embeddings for some val products (candidates stage missing or stale)"}
     image = l2_normalise(np.asarray([embeddings[p]["image"] for p in gallery], dtype=np.float32))
     caption = l2_normalise(np.asarray([embeddings[p]["short_caption"] for p in gallery], dtype=np.float32))
     text = encode_texts([t["modification_text_short"] for t in val], config.triplets.text_model)
@@ -66,54 +168,80 @@ def _redundancy(config: RunConfig, dataset: str, triplets: list[dict]) -> dict:
 
 
 def build_report(config: RunConfig) -> dict:
-    report: dict = {"output_dir": config.output_dir, "config_hash": config.config_hash(), "datasets": {}}
+    report: dict = {
+        "output_dir": config.output_dir,
+        "config_hash": config.config_hash(),
+        "lmm_cost": _lmm_cost(config),
+        "datasets": {},
+    }
     for source in config.sources:
         dataset = source.dataset
         triplets = ShardStore(config.output_dir, "triplets", dataset).read_table("triplets").to_pylist()
         products = ShardStore(config.output_dir, "candidates", dataset).read_table("products").to_pylist()
-        if not products:
-            continue
+        kept = _columns(config, "dedupe", dataset, "products", ["n_views"])
+        captions = _columns(config, "caption", dataset, "captions", ["long_caption", "short_caption"])
+        funnel = _funnel(config, dataset)
+        if all(f["in"] is None for f in funnel.values()):
+            continue  # nothing of this dataset was built yet
         views = Counter("+".join(t["views_involved"]) for t in triplets)
         sources = Counter(t["source_id"] for t in triplets)
         entry = {
             "products": dict(Counter(p["split"] for p in products)),
             "triplets": dict(Counter(t["split"] for t in triplets)),
             "triplets_per_source": round(len(triplets) / len(sources), 2) if sources else 0,
+            "views_per_product": _count([p["n_views"] for p in kept]),
             "views_involved": dict(views.most_common()),
+            "views_involved_count": _count([len(t["views_involved"]) for t in triplets]),
             "share_multi_view": round(sum(len(t["views_involved"]) >= 2 for t in triplets) / len(triplets), 4)
             if triplets
             else None,
             "words_short": _words([t["modification_text_short"] for t in triplets]),
             "words_long": _words([t["modification_text_long"] for t in triplets]),
+            "caption_words": {name: _words([c[f"{name}_caption"] for c in captions]) for name in ("long", "short")},
             "hard_negatives": ShardStore(config.output_dir, "triplets", dataset).read_table("hard_negatives").num_rows,
+            "verifier": _verifier(config, dataset),
             "lmm_cost": {},
-            "funnel": {},
+            "funnel": funnel,
         }
-        for stage in ("ingest", "dedupe", *LMM_STAGES):
+        for stage in LMM_STAGES:
             stats = ShardStore(config.output_dir, stage, dataset).read_stats() or {}
             counts = stats.get("counts", {})
-            entry["funnel"][stage] = {"in": counts.get("products_in", 0), "out": counts.get("products_out", 0)}
-            if stage in LMM_STAGES:
-                entry["lmm_cost"][stage] = {
-                    "tokens_in": counts.get("tokens_in", 0),
-                    "tokens_out": counts.get("tokens_out", 0),
-                    "server_seconds": stats.get("server_seconds"),
-                }
+            entry["lmm_cost"][stage] = {
+                "tokens_in": counts.get("tokens_in", 0),
+                "tokens_out": counts.get("tokens_out", 0),
+                "server_seconds": stats.get("server_seconds"),
+            }
         entry["modality_redundancy"] = _redundancy(config, dataset, triplets)
         report["datasets"][dataset] = entry
     return report
+
+
+def _summary(words: dict) -> str:
+    return f"mean {words['mean']}, median {words['median']}, max {words['max']}" if words else "no data"
 
 
 def to_markdown(report: dict) -> str:
     lines = [f"# Build report: {report['output_dir']}", "", f"config hash `{report['config_hash'][:12]}`", ""]
     for dataset, d in report["datasets"].items():
         lines += [f"## {dataset}", ""]
-        lines += ["| stage | products in | out |", "|---|---:|---:|"]
-        lines += [f"| {s} | {f['in']} | {f['out']} |" for s, f in d["funnel"].items()]
+        lines += ["| stage | products in | out | rejects |", "|---|---:|---:|---|"]
+        for stage, f in d["funnel"].items():
+            rejects = ", ".join(f"{r} ({lvl}) {n}" for lvl, c in f["rejects"].items() for r, n in c.items())
+            lines.append(f"| {stage} | {_cell(f['in'])} | {_cell(f['out'])} | {rejects} |")
         lines += ["", f"- products per split: {d['products']}; triplets per split: {d['triplets']}"]
         lines += [f"- triplets per source: {d['triplets_per_source']}; hard negatives: {d['hard_negatives']}"]
         lines += [f"- share of triplets spanning >= 2 views: {d['share_multi_view']} (FashionMV: 0.9983)"]
-        lines += [f"- words, short text: {d['words_short']}; long text: {d['words_long']}"]
+        lines += [f"- words, short text: {_summary(d['words_short'])}; long text: {_summary(d['words_long'])}"]
+        captions = d["caption_words"]
+        lines += [f"- caption words, long: {_summary(captions['long'])}; short: {_summary(captions['short'])}"]
+        lines += [f"- views per product: {d['views_per_product']}"]
+        v = d["verifier"]
+        if "removal_rate" in v:
+            lines += [
+                f"- verifier: {v['verdicts_remove']} of {v['products_in']} judged hallucinated ({v['removal_rate']})"
+            ]
+        if v.get("note"):
+            lines += [f"- verifier: {v['note']}"]
         lines += [f"- views_involved: {d['views_involved']}", "", "| LMM stage | tokens in | tokens out | server-s |"]
         lines += ["|---|---:|---:|---:|"]
         lines += [
@@ -129,7 +257,20 @@ def to_markdown(report: dict) -> str:
         if "note" in m:
             lines += ["", f"**{m['note']}**"]
         lines.append("")
+    lines += [
+        "## LMM cost of the build",
+        "",
+        "| LMM stage | tokens in | tokens out | GPU-hours |",
+        "|---|---:|---:|---:|",
+    ]
+    for stage, c in report.get("lmm_cost", {}).items():
+        lines.append(f"| {stage} | {c['tokens_in']} | {c['tokens_out']} | {_cell(c['gpu_hours'])} |")
+    lines.append("")
     return "\n".join(lines)
+
+
+def _cell(value: object) -> str:
+    return "no data" if value is None else str(value)
 
 
 def write_report(config: RunConfig, out: Path) -> dict:
