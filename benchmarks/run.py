@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks import bench_dedupe, bench_eval, bench_ingest, bench_lmm
+from benchmarks import bench_dedupe, bench_eval, bench_ingest, bench_lmm, bench_train
 
 
 def main() -> None:
@@ -19,6 +19,7 @@ def main() -> None:
     bench_dedupe.main(smoke=args.smoke)
     bench_lmm.main(smoke=args.smoke)
     bench_eval.main(smoke=args.smoke)
+    bench_train.main(smoke=args.smoke)
 
 
 if __name__ == "__main__":

@@ -157,3 +157,37 @@ def stage3_build(sample_catalogue, vllm_server, tmp_path_factory):
     run_candidates(config)
     asyncio.run(run_stage(SelectStage(config), [vllm_server.spec.url]))
     return config
+
+
+def _gloo_rank(rank: int, port: int, work, args: tuple, out) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # the parent's OpenMP thread pool does not survive fork: parallel regions would hang
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        out.put((rank, work(rank, *args)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run_on_two_gloo_processes(work, *args, timeout: float = 120) -> dict[int, object]:
+    """`work(rank, *args)` in two forked processes joined by a gloo process group; their results by rank."""
+    import torch
+
+    from fashionmv_builder.lmm.server import free_port
+
+    context = torch.multiprocessing.get_context("fork")
+    out = context.Queue()
+    port = free_port()
+    procs = [context.Process(target=_gloo_rank, args=(r, port, work, args, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(out.get(timeout=timeout) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
+    return got

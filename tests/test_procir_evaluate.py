@@ -2,12 +2,11 @@
 
 import json
 import logging
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import run_on_two_gloo_processes
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -124,39 +123,15 @@ def test_other_query_modes_run(encoder, fixture_dirs, mode):
         assert result.recall[1] == 0.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, port: int, tiny_dir: Path, fixture_dirs: tuple[Path, Path], out) -> None:
-    torch.set_num_threads(1)  # the parent's OpenMP thread pool does not survive fork: parallel regions would hang
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        encoder = ProCIREncoder.from_pretrained(tiny_dir).eval()
-        results = run_evaluation(encoder, load_eval_data(*fixture_dirs, DATASETS), DATASETS, batch_size=2)
-        out.put((rank, results and ([(r.dataset, r.queries, r.gallery) for r in results], results_json(results))))
-    finally:
-        torch.distributed.destroy_process_group()
+def _evaluate_share(rank: int, tiny_dir: Path, fixture_dirs: tuple[Path, Path]):
+    encoder = ProCIREncoder.from_pretrained(tiny_dir).eval()
+    results = run_evaluation(encoder, load_eval_data(*fixture_dirs, DATASETS), DATASETS, batch_size=2)
+    return results and ([(r.dataset, r.queries, r.gallery) for r in results], results_json(results))
 
 
 def test_two_processes_match_one(encoder, tiny_dir, fixture_dirs):
     """Two gloo processes each encode half; the merged result counts every product and query once."""
-    context = torch.multiprocessing.get_context("fork")
-    out = context.Queue()
-    port = _free_port()
-    procs = [context.Process(target=_rank_main, args=(r, port, tiny_dir, fixture_dirs, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        got = dict(out.get(timeout=60) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    assert [p.exitcode for p in procs] == [0, 0]
+    got = run_on_two_gloo_processes(_evaluate_share, tiny_dir, fixture_dirs, timeout=60)
     single = run_evaluation(encoder, load_eval_data(*fixture_dirs, DATASETS), DATASETS, batch_size=2)
     assert got[1] is None  # only rank 0 scores
     assert got[0] == ([(r.dataset, r.queries, r.gallery) for r in single], results_json(single))

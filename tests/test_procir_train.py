@@ -4,12 +4,12 @@ configurations, and a 2-process (gloo) step that must equal a 1-process step on 
 import json
 import math
 import random
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_on_two_gloo_processes
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -218,12 +218,6 @@ def test_configuration_names_cover_the_papers_table():
     assert len(names) == 16 and "sft+mt+align" in names and "pretrained+single-turn" in names
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _one_step(encoder: ProCIREncoder, train_set, cfg: TrainConfig, rank: int, world: int) -> tuple[float, torch.Tensor]:
     batch = prepare_contrastive(encoder.processor, train_set, cfg, step=0, steps=4, rank=rank, world=world)
     loss = contrastive_loss(encoder, batch, cfg)["total"]
@@ -233,33 +227,15 @@ def _one_step(encoder: ProCIREncoder, train_set, cfg: TrainConfig, rank: int, wo
     return loss.item(), grads
 
 
-def _rank_main(rank: int, port: int, tiny_dir: Path, train_set, cfg: TrainConfig, out) -> None:
-    torch.set_num_threads(1)  # the parent's OpenMP thread pool does not survive fork
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        out.put((rank, _one_step(ProCIREncoder.from_pretrained(tiny_dir), train_set, cfg, rank, 2)))
-    finally:
-        torch.distributed.destroy_process_group()
+def _step_share(rank: int, tiny_dir: Path, train_set, cfg: TrainConfig) -> tuple[float, torch.Tensor]:
+    return _one_step(ProCIREncoder.from_pretrained(tiny_dir), train_set, cfg, rank, 2)
 
 
 def test_two_processes_gather_negatives_like_one_process(tiny_dir, train_set):
     """Batch 2 on each of 2 gloo processes = batch 4 on one: same loss and same gradients. Without the gather a
     process would score against 2 candidates, not 4 (a loss near 1.5·log 2 instead of 1.5·log 4)."""
     cfg = TrainConfig(batch_size=2, mt=True, align=True, cot=True)
-    context = torch.multiprocessing.get_context("fork")
-    out = context.Queue()
-    port = _free_port()
-    procs = [context.Process(target=_rank_main, args=(r, port, tiny_dir, train_set, cfg, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        got = dict(out.get(timeout=120) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    assert [p.exitcode for p in procs] == [0, 0]
+    got = run_on_two_gloo_processes(_step_share, tiny_dir, train_set, cfg)
     single_loss, single_grads = _one_step(
         ProCIREncoder.from_pretrained(tiny_dir), train_set, cfg.model_copy(update={"batch_size": 4}), 0, 1
     )
@@ -267,3 +243,27 @@ def test_two_processes_gather_negatives_like_one_process(tiny_dir, train_set):
         loss, grads = got[rank]
         assert loss == pytest.approx(single_loss, rel=1e-4)
         torch.testing.assert_close(grads, single_grads, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_training_reads_a_builds_parquet_shards(stage3_build, tiny_dir, tmp_path):
+    """The train split of a real build (Stage 3 with the vLLM server): triplets and captions from Parquet, kept views
+    written once as files, per-view captions for SFT; then SFT and contrastive steps on it."""
+    from fashionmv_builder.procir.train_data import load_build_train
+    from fashionmv_builder.shards import ShardStore
+
+    triplets = ShardStore(stage3_build.output_dir, "triplets", "deepfashion").read_table("triplets").to_pylist()
+    train_rows = [t for t in triplets if t["split"] == "train"]
+    data = load_build_train(stage3_build, tmp_path / "images")
+    assert len(data.triplets) + sum(data.skipped.values()) == len(train_rows)
+    assert {(t.source_id, t.target_id) for t in data.triplets} <= {(t["source_id"], t["target_id"]) for t in train_rows}
+    key = (data.triplets[0].dataset, data.triplets[0].source_id)
+    assert data.views[key] and all(p.is_file() for p in data.views[key])
+    assert data.view_captions[key] and data.captions[key].long_caption
+    files = sorted(p for p in (tmp_path / "images").rglob("*") if p.is_file())
+    stamps = [p.stat().st_mtime_ns for p in files]
+    load_build_train(stage3_build, tmp_path / "images")  # a rerun rewrites no image
+    assert [p.stat().st_mtime_ns for p in files] == stamps
+    cfg = TrainConfig(batch_size=2, max_steps=1, sft=True, sft_max_steps=1)
+    summary = train(ProCIREncoder.from_pretrained(tiny_dir), data, cfg, tmp_path / "model")
+    assert math.isfinite(summary["sft"]["loss_total"]) and math.isfinite(summary["contrastive"]["loss_total"])

@@ -129,7 +129,33 @@ def build_processor(tokenizer: Qwen3_5Tokenizer) -> ImageOnlyQwen3VLProcessor:
     return ImageOnlyQwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
 
-def build_config(tokenizer: Qwen3_5Tokenizer) -> Qwen3_5Config:
+# Qwen3.5-0.8B's published shape (reference/fashionmv-paper.md §6.1), for speed and memory figures on a GPU with
+# random weights. The linear-attention head split and the ViT's MLP width are not published: ours are assumptions.
+FULL_SIZE_TEXT = {
+    "vocab_size": 248_320,
+    "hidden_size": 1024,
+    "intermediate_size": 3584,
+    "num_hidden_layers": 24,  # 18 Gated-DeltaNet + 6 full-attention layers (full_attention_interval 4)
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "head_dim": 256,
+    "linear_num_key_heads": 16,
+    "linear_num_value_heads": 16,
+    "linear_key_head_dim": 128,
+    "linear_value_head_dim": 128,
+    "max_position_embeddings": 32_768,
+    "mrope_section": [11, 11, 10],  # 0.25 × 256 = 64 rotary dims = 32 frequencies
+}
+FULL_SIZE_VISION = {
+    "depth": 12,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_heads": 12,
+    "out_hidden_size": 1024,
+}
+
+
+def build_config(tokenizer: Qwen3_5Tokenizer, full_size: bool = False) -> Qwen3_5Config:
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab_rows = -(-(len(tokenizer) + _SPARE_ROWS) // 64) * 64
     text_config = {
@@ -156,7 +182,7 @@ def build_config(tokenizer: Qwen3_5Tokenizer) -> Qwen3_5Config:
         },
         "pad_token_id": ids["<|endoftext|>"],
         "eos_token_id": ids["<|im_end|>"],
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": full_size,
     }
     vision_config = {
         "depth": 2,
@@ -170,6 +196,11 @@ def build_config(tokenizer: Qwen3_5Tokenizer) -> Qwen3_5Config:
         "out_hidden_size": 128,  # = the text hidden size
         "num_position_embeddings": 256,
     }
+    if full_size:
+        mrope_section = FULL_SIZE_TEXT["mrope_section"]
+        text_config |= {k: v for k, v in FULL_SIZE_TEXT.items() if k != "mrope_section"}
+        text_config["rope_parameters"] = text_config["rope_parameters"] | {"mrope_section": mrope_section}
+        vision_config |= FULL_SIZE_VISION
     return Qwen3_5Config(
         text_config=text_config,
         vision_config=vision_config,
@@ -177,15 +208,16 @@ def build_config(tokenizer: Qwen3_5Tokenizer) -> Qwen3_5Config:
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
+        tie_word_embeddings=full_size,  # the 0.8B model ties its 248K-row embedding and LM head
     )
 
 
-def build_tiny_procir(out: Path, seed: int = 0) -> Path:
-    """Write a loadable tiny Qwen3.5 (weights, config, tokenizer, processor, chat template) into `out`."""
+def build_tiny_procir(out: Path, seed: int = 0, full_size: bool = False) -> Path:
+    """Write a loadable tiny Qwen3.5 (weights, config, tokenizer, processor, chat template) into `out`; with
+    `full_size`, the same with Qwen3.5-0.8B's layer sizes (random weights, our tiny tokenizer)."""
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    model = Qwen3_5ForConditionalGeneration(build_config(tokenizer))
+    model = Qwen3_5ForConditionalGeneration(build_config(tokenizer, full_size))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
     build_processor(tokenizer).save_pretrained(str(out))
