@@ -213,6 +213,18 @@ def test_every_configuration_trains_two_steps(cfg, tiny_dir, train_set, tmp_path
     assert summary["variant"] == cfg.variant and (tmp_path / "model.safetensors").exists()
 
 
+def test_loader_workers_prepare_the_same_batches(tiny_dir, train_set, tmp_path):
+    """Batches prepared in a data-loader process train exactly like batches prepared in the loop."""
+    losses = {}
+    for workers in (0, 1):
+        cfg = TrainConfig(batch_size=3, epochs=2, max_steps=3, cot=True, workers=workers)
+        train(ProCIREncoder.from_pretrained(tiny_dir), train_set, cfg, tmp_path / str(workers))
+        losses[workers] = [
+            (e["loss_total"], e["cot_keep_ratio"], e["long_text"]) for e in iter_log(tmp_path / str(workers))
+        ]
+    assert losses[0] == losses[1] and len(losses[0]) == 3
+
+
 def test_configuration_names_cover_the_papers_table():
     names = {c.variant for c in all_configurations()}
     assert len(names) == 16 and "sft+mt+align" in names and "pretrained+single-turn" in names
