@@ -191,3 +191,16 @@ def run_on_two_gloo_processes(work, *args, timeout: float = 120) -> dict[int, ob
                 p.kill()
     assert [p.exitcode for p in procs] == [0, 0]
     return got
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """The tiny random Qwen3.5 (ProCIR backbone), built once through the CLI and shared read-only."""
+    from typer.testing import CliRunner
+
+    from fashionmv_builder.cli import app
+
+    out = tmp_path_factory.mktemp("tiny-procir")
+    result = CliRunner().invoke(app, ["build-tiny-procir", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out

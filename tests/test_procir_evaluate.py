@@ -68,14 +68,6 @@ def fixture_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny-procir")
-    result = CliRunner().invoke(app, ["build-tiny-procir", "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    return out
-
-
-@pytest.fixture(scope="module")
 def encoder(tiny_dir):
     return ProCIREncoder.from_pretrained(tiny_dir).eval()
 

@@ -18,14 +18,8 @@ from fashionmv_builder.procir.model import (
     single_turn_messages,
     text_messages,
 )
-from fashionmv_builder.procir.tiny import build_tiny_procir
 
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"  # one image before the processor expands <|image_pad|>
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny_procir(tmp_path_factory.mktemp("tiny-procir"))
 
 
 @pytest.fixture(scope="module")
