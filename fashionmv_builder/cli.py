@@ -503,6 +503,9 @@ def train(
     lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-5,
     seed: int = 0,
     workers: Annotated[int, typer.Option(min=0, help="data-loader processes preparing batches")] = 0,
+    save_every: Annotated[
+        int, typer.Option(min=0, help="checkpoint every N steps; rerunning the command resumes from it")
+    ] = 0,
     device: Annotated[str | None, typer.Option(help="torch device (default: the GPU if any, else CPU)")] = None,
     verbose: bool = False,
 ) -> None:
@@ -534,6 +537,7 @@ def train(
             lr=lr,
             seed=seed,
             workers=workers,
+            save_every=save_every,
         )
         if build is not None:
             run_cfg = _load(build, None, None)

@@ -215,6 +215,43 @@ def test_loader_workers_prepare_the_same_batches(tiny_dir, train_set, tmp_path):
     assert losses[0] == losses[1] and len(losses[0]) == 3
 
 
+def test_an_interrupted_run_resumes_from_its_checkpoint_exactly(tiny_dir, train_set, tmp_path, monkeypatch):
+    import fashionmv_builder.procir.train as train_module
+
+    cfg = TrainConfig(batch_size=3, epochs=2, max_steps=4, sft=True, sft_max_steps=2, save_every=2)
+    straight = ProCIREncoder.from_pretrained(tiny_dir)
+    train(straight, train_set, cfg, tmp_path / "straight")
+
+    real_loss, calls = train_module.contrastive_loss, []
+
+    def crash_at_step_three(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the machine goes away mid-run
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "contrastive_loss", crash_at_step_three)
+    with pytest.raises(KeyboardInterrupt):
+        train(ProCIREncoder.from_pretrained(tiny_dir), train_set, cfg, tmp_path / "resumed")
+    monkeypatch.setattr(train_module, "contrastive_loss", real_loss)
+    assert (tmp_path / "resumed" / "checkpoint.pt").exists()
+    with pytest.raises(ValueError, match="another configuration"):
+        train(
+            ProCIREncoder.from_pretrained(tiny_dir),
+            train_set,
+            cfg.model_copy(update={"lr": 2e-5}),
+            tmp_path / "resumed",
+        )
+
+    resumed = ProCIREncoder.from_pretrained(tiny_dir)  # a new process: weights come from the checkpoint
+    train(resumed, train_set, cfg, tmp_path / "resumed")
+    for a, b in zip(straight.vlm.parameters(), resumed.vlm.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    steps = [(e["stage"], e["step"]) for e in iter_log(tmp_path / "resumed")]
+    assert steps == [("sft", 0), ("sft", 1)] + [("contrastive", i) for i in range(4)]
+    assert not (tmp_path / "resumed" / "checkpoint.pt").exists()
+
+
 def test_configuration_names_cover_the_papers_table():
     names = {c.variant for c in all_configurations()}
     assert len(names) == 16 and "sft+mt+align" in names and "pretrained+single-turn" in names

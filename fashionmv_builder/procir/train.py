@@ -49,6 +49,7 @@ log = logging.getLogger("fashionmv")
 
 LOG_FILE = "train_log.jsonl"
 SUMMARY_FILE = "train_summary.json"
+CHECKPOINT_FILE = "checkpoint.pt"
 
 
 class TrainConfig(BaseModel):
@@ -71,8 +72,13 @@ class TrainConfig(BaseModel):
     lambda_src: float = LAMBDA_SRC
     seed: int = 0
     workers: int = Field(0, ge=0, description="data-loader processes preparing batches")
+    save_every: int = Field(0, ge=0, description="write a resumable checkpoint every this many steps (0: never)")
     bf16: bool | None = Field(None, description="bf16 autocast; default on a GPU")
     gradient_checkpointing: bool | None = Field(None, description="default on a GPU")
+
+    def run_identity(self) -> dict:
+        """What a checkpoint must match to be resumed (not how batches are prepared or how often it is saved)."""
+        return self.model_dump(exclude={"workers", "save_every"})
 
     @property
     def variant(self) -> str:
@@ -181,24 +187,25 @@ def contrastive_loss(encoder: ProCIREncoder, batch: ContrastiveBatch, cfg: Train
 # ---- the optimisation loop shared by both stages --------------------------------------------------------------------
 
 
-def _loader(make: Callable[[int], object], steps: int, workers: int) -> Iterable:
-    """Step inputs in order; with workers, prepared in parallel with the model (every step is a pure function)."""
+def _loader(make: Callable[[int], object], steps: range, workers: int) -> Iterable:
+    """Step inputs in order; with workers, prepared in parallel with the model (every step is a pure function, so
+    a resumed run gets exactly the batches it would have had)."""
     if workers == 0:
-        return map(make, range(steps))
+        return map(make, steps)
     return torch.utils.data.DataLoader(
         _Steps(make, steps), batch_size=None, num_workers=workers, collate_fn=lambda x: x
     )
 
 
 class _Steps(torch.utils.data.Dataset):
-    def __init__(self, make: Callable[[int], object], steps: int) -> None:
+    def __init__(self, make: Callable[[int], object], steps: range) -> None:
         self.make, self.steps = make, steps
 
     def __len__(self) -> int:
-        return self.steps
+        return len(self.steps)
 
-    def __getitem__(self, step: int) -> object:
-        return self.make(step)
+    def __getitem__(self, index: int) -> object:
+        return self.make(self.steps[index])
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -226,26 +233,64 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+@dataclass
+class Run:
+    """Where a run writes, and the checkpoint it resumes from (None: a fresh start)."""
+
+    out_dir: Path
+    record: Callable[[dict], None]
+    resume: dict | None = None
+
+    def resume_of(self, stage: str) -> dict | None:
+        return self.resume if self.resume and self.resume["stage"] == stage else None
+
+
+def load_checkpoint(out_dir: Path, cfg: TrainConfig) -> dict | None:
+    """The checkpoint in `out_dir`, if any; one written by another configuration is an error, not a silent reuse."""
+    path = out_dir / CHECKPOINT_FILE
+    if not path.exists():
+        return None
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if checkpoint["config"] != cfg.run_identity():
+        raise ValueError(f"{path} was written by another configuration: remove it or train into another folder")
+    return checkpoint
+
+
+def save_checkpoint(out_dir: Path, state: dict) -> None:
+    """Rank 0 writes the checkpoint whole or not at all (temporary file, then an atomic rename)."""
+    if process_rank()[0] != 0:
+        return
+    tmp = out_dir / f"{CHECKPOINT_FILE}.tmp"
+    torch.save(state, tmp)
+    tmp.replace(out_dir / CHECKPOINT_FILE)
+
+
 def optimise(
     encoder: ProCIREncoder,
     cfg: TrainConfig,
     stage: str,
     steps: int,
-    batches: Iterable,
+    make: Callable[[int], object],
     loss_of: Callable[[object], dict[str, torch.Tensor]],
     samples_per_step: int,
-    record: Callable[[dict], None],
+    run: Run,
 ) -> dict:
-    """AdamW + cosine without warm-up + clipping over `steps` batches; one log record per step."""
+    """AdamW + cosine without warm-up + clipping over `steps` batches; one log record per step, a checkpoint every
+    `cfg.save_every` steps, and a resumed run picks up at the checkpoint's step with its optimiser state."""
     params = [p for p in encoder.vlm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(_param_groups(encoder.vlm, cfg.weight_decay), lr=cfg.lr)
     scheduler = cosine_schedule(optimizer, steps)
+    start = 0
+    if resume := run.resume_of(stage):
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        start = resume["step"]
     device = encoder.device
     bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
     encoder.train()
     last: dict = {}
     started = time.perf_counter()
-    for step, batch in enumerate(itertools.islice(batches, steps)):
+    for step, batch in zip(range(start, steps), _loader(make, range(start, steps), cfg.workers), strict=True):
         lr = scheduler.get_last_lr()[0]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             parts = loss_of(batch)
@@ -268,15 +313,27 @@ def optimise(
         }
         if isinstance(batch, ContrastiveBatch):
             last |= {"cot_keep_ratio": round(batch.keep_ratio, 4), "long_text": batch.long_text}
-        record(last)
-        started = now
+        run.record(last)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
+            save_checkpoint(
+                run.out_dir,
+                {
+                    "stage": stage,
+                    "step": step + 1,
+                    "config": cfg.run_identity(),
+                    "model": encoder.vlm.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                },
+            )
+        started = time.perf_counter()  # time spent writing a checkpoint is not the next step's
     return last
 
 
 # ---- the stages -----------------------------------------------------------------------------------------------------
 
 
-def run_sft(encoder: ProCIREncoder, data: TrainSet, cfg: TrainConfig, record: Callable[[dict], None]) -> dict:
+def run_sft(encoder: ProCIREncoder, data: TrainSet, cfg: TrainConfig, run: Run) -> dict:
     rank, world = process_rank()
     samples = sft_samples(data, cfg.seed)
     steps = total_steps(len(samples), cfg.batch_size * world, cfg.sft_epochs, cfg.sft_max_steps)
@@ -289,29 +346,25 @@ def run_sft(encoder: ProCIREncoder, data: TrainSet, cfg: TrainConfig, record: Ca
     def loss_of(batch: tuple[BatchFeature, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"total": encoder.lm_loss(*batch)}
 
-    batches = _loader(make, steps, cfg.workers)
-    return optimise(encoder, cfg, "sft", steps, batches, loss_of, cfg.batch_size * world, record)
+    return optimise(encoder, cfg, "sft", steps, make, loss_of, cfg.batch_size * world, run)
 
 
-def run_contrastive(encoder: ProCIREncoder, data: TrainSet, cfg: TrainConfig, record: Callable[[dict], None]) -> dict:
+def run_contrastive(encoder: ProCIREncoder, data: TrainSet, cfg: TrainConfig, run: Run) -> dict:
     rank, world = process_rank()
     steps = total_steps(len(data.triplets), cfg.batch_size * world, cfg.epochs, cfg.max_steps)
     make = functools.partial(prepare_contrastive, encoder.processor, data, cfg, steps=steps, rank=rank, world=world)
-    batches = _loader(lambda step: make(step), steps, cfg.workers)
-    return optimise(
-        encoder,
-        cfg,
-        "contrastive",
-        steps,
-        batches,
-        lambda b: contrastive_loss(encoder, b, cfg),
-        cfg.batch_size * world,
-        record,
-    )
+
+    def loss_of(batch: ContrastiveBatch) -> dict[str, torch.Tensor]:
+        return contrastive_loss(encoder, batch, cfg)
+
+    return optimise(encoder, cfg, "contrastive", steps, make, loss_of, cfg.batch_size * world, run)
 
 
 def train(encoder: ProCIREncoder, data: TrainSet, cfg: TrainConfig, out_dir: Path) -> dict:
-    """SFT (if on), then contrastive training; rank 0 saves the model, the step log and a summary in `out_dir`."""
+    """SFT (if on), then contrastive training; rank 0 saves the model, the step log and a summary in `out_dir`.
+
+    If `out_dir` holds a checkpoint of the same configuration (`save_every`), training resumes from it: the same
+    batches, learning rates and optimiser state as an uninterrupted run. The checkpoint is removed at the end."""
     if not data.triplets:
         raise ValueError(f"no usable training triplets (skipped: {dict(data.skipped) or 'none'})")
     rank, _ = process_rank()
@@ -319,8 +372,12 @@ def train(encoder: ProCIREncoder, data: TrainSet, cfg: TrainConfig, out_dir: Pat
     if cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else encoder.device.type == "cuda":
         encoder.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     out_dir.mkdir(parents=True, exist_ok=True)
+    resume = load_checkpoint(out_dir, cfg)
+    if resume:
+        encoder.vlm.load_state_dict(resume["model"])
+        log.info("resuming %s at step %d from %s", resume["stage"], resume["step"], out_dir / CHECKPOINT_FILE)
     log_path = out_dir / LOG_FILE
-    if rank == 0:
+    if rank == 0 and not resume:
         log_path.write_text("")
 
     def record(entry: dict) -> None:
@@ -330,14 +387,19 @@ def train(encoder: ProCIREncoder, data: TrainSet, cfg: TrainConfig, out_dir: Pat
             f.write(json.dumps(entry) + "\n")
         log.info("%s step %d: loss %.4f", entry["stage"], entry["step"], entry["loss_total"])
 
+    run = Run(out_dir, record, resume)
     summary: dict = {"variant": cfg.variant, "config": cfg.model_dump(), "triplets": len(data.triplets)}
     summary["skipped"] = dict(data.skipped)
     if cfg.sft:
-        summary["sft"] = run_sft(encoder, data, cfg, record)
-    summary["contrastive"] = run_contrastive(encoder, data, cfg, record)
+        sft_done = resume is not None and resume["stage"] == "contrastive"
+        summary["sft"] = (
+            {"note": "finished before the resumed checkpoint"} if sft_done else run_sft(encoder, data, cfg, run)
+        )
+    summary["contrastive"] = run_contrastive(encoder, data, cfg, run)
     if rank == 0:
         encoder.save_pretrained(out_dir)
         (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+        (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     return summary
 
 
