@@ -43,8 +43,9 @@ $(STAMPS)/sample: $(STAMPS)/venv fashionmv_builder/sources/sample.py
 triplets: setup
 	PREFECT_HOME=$(CURDIR)/build/prefect-local PREFECT_SERVER_ANALYTICS_ENABLED=false \
 		$(BIN)/python -m flows.build_fashionmv run configs/sample.yaml
-	$(BIN)/fashionmv report configs/sample.yaml --to build/sample/report
+	$(BIN)/fashionmv report configs/sample.yaml --to build/sample/report --html
 	@echo "Shards: build/sample/<stage>/<dataset>/<table>/part-*.parquet, stats.json per stage and dataset."
+	@echo "Report: build/sample/report/report.html (plots, contact sheets); audit: fashionmv audit serve configs/sample.yaml --labels audit.json"
 	@echo "Next: fashionmv export-fashionmv configs/sample.yaml --to build/fashionmv-export  (FashionMV's layout)"
 	@echo "      fashionmv publish configs/sample.yaml --repo-id ORG/NAME --dry-run       (a Hub dataset repo)"
 
