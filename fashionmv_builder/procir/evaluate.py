@@ -22,6 +22,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -50,6 +51,8 @@ from fashionmv_builder.procir.recall import (
 )
 
 log = logging.getLogger("fashionmv")
+T = TypeVar("T")
+R = TypeVar("R")
 
 # How a query is encoded: the ProCIR two-turn dialogue, the single-turn baseline, or one modality alone.
 QUERY_MODES = ("two-turn", "single-turn", "text-only", "image-only")
@@ -81,12 +84,13 @@ def _chunks(items: Sequence, size: int) -> list[list]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
 
 
-def _batches(chunks: list[list], prepare: Callable[[list], BatchFeature], workers: int) -> Iterator[BatchFeature]:
-    """Prepared batches in order; with workers > 0, images load and preprocess in parallel with the forward."""
+def prepared(items: Sequence[T], prepare: Callable[[T], R], workers: int) -> Iterator[R]:
+    """`prepare(item)` for each item in order; with workers > 0, in data-loader processes, in parallel with the
+    model's forward (images load and preprocess there). Used for evaluation batches and training steps."""
     if workers == 0:
-        yield from map(prepare, chunks)
+        yield from map(prepare, items)
         return
-    loader = torch.utils.data.DataLoader(chunks, batch_size=None, collate_fn=prepare, num_workers=workers)
+    loader = torch.utils.data.DataLoader(list(items), batch_size=None, collate_fn=prepare, num_workers=workers)
     yield from loader
 
 
@@ -117,7 +121,7 @@ def encode_gallery(
 ) -> dict[ProductKey, np.ndarray]:
     chunks = _chunks([views[key] for key in keys], batch_size)
     embeddings: list[np.ndarray] = []
-    for inputs in _batches(chunks, functools.partial(_doc_batch, encoder.processor), workers):
+    for inputs in prepared(chunks, functools.partial(_doc_batch, encoder.processor), workers):
         embeddings.extend(_to_numpy(encoder.pooled(inputs)[1]))
     return dict(zip(keys, embeddings, strict=True))
 
@@ -138,7 +142,7 @@ def encode_queries(
     prepare = functools.partial(_query_batch, encoder.processor, mode)
     results: list[QueryResult] = []
     sources: dict[ProductKey, np.ndarray] = {}
-    batches = _batches(_chunks(items, batch_size), prepare, workers)
+    batches = prepared(_chunks(items, batch_size), prepare, workers)
     for batch, inputs in zip(_chunks(queries, batch_size), batches, strict=True):
         s, q = (_to_numpy(x) for x in encoder.pooled(inputs))
         for t, s_emb, q_emb in zip(batch, s, q, strict=True):

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import BatchFeature, Qwen3VLProcessor
 
 from fashionmv_builder.procir.data import load_views
-from fashionmv_builder.procir.evaluate import process_rank
+from fashionmv_builder.procir.evaluate import prepared, process_rank
 from fashionmv_builder.procir.losses import LAMBDA_DOC, LAMBDA_SRC, TAU, StepEmbeddings, procir_loss
 from fashionmv_builder.procir.model import ProCIREncoder, prepare_docs, prepare_queries, prepare_texts
 from fashionmv_builder.procir.recall import ProductKey
@@ -187,27 +187,6 @@ def contrastive_loss(encoder: ProCIREncoder, batch: ContrastiveBatch, cfg: Train
 # ---- the optimisation loop shared by both stages --------------------------------------------------------------------
 
 
-def _loader(make: Callable[[int], object], steps: range, workers: int) -> Iterable:
-    """Step inputs in order; with workers, prepared in parallel with the model (every step is a pure function, so
-    a resumed run gets exactly the batches it would have had)."""
-    if workers == 0:
-        return map(make, steps)
-    return torch.utils.data.DataLoader(
-        _Steps(make, steps), batch_size=None, num_workers=workers, collate_fn=lambda x: x
-    )
-
-
-class _Steps(torch.utils.data.Dataset):
-    def __init__(self, make: Callable[[int], object], steps: range) -> None:
-        self.make, self.steps = make, steps
-
-    def __len__(self) -> int:
-        return len(self.steps)
-
-    def __getitem__(self, index: int) -> object:
-        return self.make(self.steps[index])
-
-
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     params = [p for p in model.parameters() if p.requires_grad]
     return [
@@ -290,7 +269,7 @@ def optimise(
     encoder.train()
     last: dict = {}
     started = time.perf_counter()
-    for step, batch in zip(range(start, steps), _loader(make, range(start, steps), cfg.workers), strict=True):
+    for step, batch in zip(range(start, steps), prepared(range(start, steps), make, cfg.workers), strict=True):
         lr = scheduler.get_last_lr()[0]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             parts = loss_of(batch)
@@ -313,6 +292,7 @@ def optimise(
         }
         if isinstance(batch, ContrastiveBatch):
             last |= {"cot_keep_ratio": round(batch.keep_ratio, 4), "long_text": batch.long_text}
+            last["long_caption"] = batch.long_caption
         run.record(last)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
             save_checkpoint(
