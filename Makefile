@@ -30,11 +30,11 @@ $(STAMPS)/vllm-venv: scripts/setup-vllm-venv.sh scripts/patch_torchvision_cpu.py
 
 # The tiny random-weight Qwen2.5-VL that tests and the embedded sample serve (built offline, in the vLLM venv).
 TINY_VLM := build/models/tiny-qwen2.5-vl
-$(STAMPS)/tiny-vlm: $(STAMPS)/vllm-venv scripts/build_tiny_vlm.py
-	HF_HUB_OFFLINE=1 .venv-vllm/bin/python scripts/build_tiny_vlm.py $(TINY_VLM)
+$(STAMPS)/tiny-vlm: $(STAMPS)/vllm-venv fashionmv_builder/devtools/tiny_vlm.py
+	HF_HUB_OFFLINE=1 .venv-vllm/bin/python fashionmv_builder/devtools/tiny_vlm.py $(TINY_VLM)
 	@touch $@
 
-$(STAMPS)/sample: $(STAMPS)/venv fashionmv_builder/sources/sample.py
+$(STAMPS)/sample: $(STAMPS)/venv fashionmv_builder/devtools/sample_catalogue.py
 	$(BIN)/fashionmv sample --out $(SAMPLE_DIR) --products $(SAMPLE_PRODUCTS) --seed $(SAMPLE_SEED)
 	@touch $@
 
@@ -89,7 +89,7 @@ clean:
 
 # A tiny random-weight Qwen3.5 (ProCIR backbone) for the evaluator's and trainer's tests on CPU.
 TINY_PROCIR := build/models/tiny-procir
-$(STAMPS)/tiny-procir: $(STAMPS)/venv fashionmv_builder/procir/tiny.py
+$(STAMPS)/tiny-procir: $(STAMPS)/venv fashionmv_builder/devtools/tiny_procir.py
 	$(BIN)/fashionmv build-tiny-procir --out $(TINY_PROCIR)
 	@touch $@
 
@@ -101,7 +101,7 @@ VALIDATE_DIR ?= build/validate
 VALIDATE_MODEL ?= $(TINY_PROCIR)
 VALIDATE_ARGS ?= --max-steps 20 --batch-size 4
 validate: setup
-	@test -d build/sample/triplets || [ "$(VALIDATE_CONFIG)" != configs/sample.yaml ] || $(MAKE) triplets
+	@test -d build/sample/select || [ "$(VALIDATE_CONFIG)" != configs/sample.yaml ] || $(MAKE) triplets
 	$(BIN)/fashionmv export-fashionmv $(VALIDATE_CONFIG) --to $(VALIDATE_DIR)/export
 	$(BIN)/fashionmv evaluate --model $(VALIDATE_MODEL) --data-dir $(VALIDATE_DIR)/export \
 		--image-root $(VALIDATE_DIR)/export/images --output-dir $(VALIDATE_DIR)/before

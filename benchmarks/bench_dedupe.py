@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fashionmv_builder.config import DedupeConfig
+from fashionmv_builder.core.config import DedupeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PEER_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
@@ -47,7 +47,7 @@ def planted_hashes(n: int, radius: int, seed: int = 0) -> np.ndarray:
 
 def _ours_worker(path: str, radius: int) -> None:
     """Run in a fresh process: search, then print seconds, pairs and memory as JSON."""
-    from fashionmv_builder.neardup import near_pairs
+    from fashionmv_builder.stages.dedupe.neardup import near_pairs
 
     codes = np.load(path)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -1,7 +1,7 @@
 """ProCIR evaluation speed: `fashionmv evaluate`'s queries/s against a straightforward reference-style loop.
 
 Both sides run the same tiny random Qwen3.5 (build/models/tiny-procir, built here if missing) on the same synthetic
-FashionMV-layout val set, in one process, interleaved. The peer follows reference/procir-reference-code.md §4–5: one
+FashionMV-layout val set, in one process, interleaved. The peer follows FashionMV's released ProCIR code: one
 processor call per sample (its target's images loaded too, unused), batches of 10 padded by hand, the gallery and
 the queries in file order, top-k by torch. Image sizes and view counts mimic FashionMV's three val sources
 (DeepFashion 750×1101, Fashion200K crops ~234×471, FashionGen 256×256). A query's figure covers the whole run
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fashionmv_builder.devtools.tiny_procir import build_tiny_procir
 from fashionmv_builder.procir.data import VAL_DATASETS, EvalData, load_eval_data, load_views
 from fashionmv_builder.procir.evaluate import run_evaluation
 from fashionmv_builder.procir.model import (
@@ -37,7 +38,6 @@ from fashionmv_builder.procir.model import (
     render,
 )
 from fashionmv_builder.procir.recall import KS, display_name, results_json
-from fashionmv_builder.procir.tiny import build_tiny_procir
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "build" / "models" / "tiny-procir"

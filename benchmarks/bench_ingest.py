@@ -18,8 +18,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from fashionmv_builder.config import validate_config
-from fashionmv_builder.ingest import run_ingest
+from fashionmv_builder.core.config import validate_config
+from fashionmv_builder.pipeline import run_local
 
 ROOT = Path(__file__).resolve().parents[1]
 CATALOGUE = ROOT / "build" / "sample-catalogue" / "folder"
@@ -57,7 +57,7 @@ def _ours(images_dir: Path, out: Path) -> float:
     )
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    [report] = run_ingest(config)
+    [report] = run_local(config, ["ingest"])["ingest"]
     elapsed = time.perf_counter() - start
     assert report.stats["counts"]["views_rejected"] == 0
     return elapsed

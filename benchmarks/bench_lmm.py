@@ -17,14 +17,14 @@ from pathlib import Path
 
 from openai import AsyncOpenAI
 
-from fashionmv_builder.caption import CaptionStage
-from fashionmv_builder.config import RunConfig, validate_config
-from fashionmv_builder.dedupe import run_dedupe
-from fashionmv_builder.ingest import run_ingest
-from fashionmv_builder.lmm.calls import AnswerStore, CircuitBreaker
+from fashionmv_builder.core.build import Build
+from fashionmv_builder.core.config import RunConfig, validate_config
+from fashionmv_builder.lmm.calls import CircuitBreaker
 from fashionmv_builder.lmm.client import LmmClient
+from fashionmv_builder.lmm.harness import StageContext, media_cache
 from fashionmv_builder.lmm.server import ServerSpec, VllmServer, free_port
-from fashionmv_builder.lmm.stage import StageContext, media_cache, run_stage
+from fashionmv_builder.pipeline import run_local
+from fashionmv_builder.stages.caption import CaptionStage
 
 ROOT = Path(__file__).resolve().parents[1]
 CATALOGUE = ROOT / "build" / "sample-catalogue" / "deepfashion"
@@ -54,11 +54,11 @@ def _requests(config: RunConfig, limit: int) -> list:
     stage = CaptionStage(config)
     client = LmmClient(list(config.lmm.endpoints), config.lmm.model)
     ctx = StageContext(
-        config, client, media_cache(config), AnswerStore(config.output_dir, "x"), CircuitBreaker(1, 1), 1
+        config, client, media_cache(stage), Build(config.output_dir).answers("x"), CircuitBreaker(1, 1), 1
     )
     asks = []
-    for marker in stage.input_markers("deepfashion"):
-        asks += [stage.ask(item, ctx) for item in stage.load_items(marker)]
+    for task in stage.plan("deepfashion").tasks:
+        asks += [stage.ask(item, ctx) for item in stage.load_items(task)]
     return [a.request for a in asks[:limit]]
 
 
@@ -90,7 +90,7 @@ def _pipeline(build: Path, work: Path, url: str, concurrency: int) -> float:
         shutil.copytree(build / stage, work / stage)
     config = _config(work, url, concurrency)
     start = time.perf_counter()
-    reports = asyncio.run(run_stage(CaptionStage(config), [url]))
+    reports = run_local(config, ["caption"])["caption"]
     elapsed = time.perf_counter() - start
     return sum(r.stats["counts"]["products_in"] for r in reports) / elapsed
 
@@ -116,8 +116,7 @@ def main(smoke: bool = False) -> None:
         try:
             build = base / "build"
             config = _config(build, url, max(sweep))
-            run_ingest(config)
-            run_dedupe(config)
+            run_local(config, ["ingest", "dedupe"])
             requests = _requests(config, 24 if smoke else 10**9)
             raw: dict[int, list[float]] = {c: [] for c in sweep}
             pipe: list[float] = []

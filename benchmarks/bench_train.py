@@ -126,7 +126,7 @@ def _in_fresh_process(*call_args) -> dict:
 
 
 def main(smoke: bool = False, full_size: bool = False, device: str = "cpu", batch_size: int = 4, steps: int = 4):
-    from fashionmv_builder.procir.tiny import build_tiny_procir
+    from fashionmv_builder.devtools.tiny_procir import build_tiny_procir
 
     model = FULL if full_size else TINY
     if not (model / "config.json").exists():

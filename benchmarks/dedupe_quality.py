@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from fashionmv_builder.config import DedupeConfig
-from fashionmv_builder.dedupe import Catalogue, Decisions, Thumbnails, cross_duplicates
-from fashionmv_builder.images import check_image
-from fashionmv_builder.neardup import near_pairs, thumb_distance, thumbnail
+from fashionmv_builder.core.config import DedupeConfig
+from fashionmv_builder.stages.dedupe.neardup import near_pairs, thumb_distance, thumbnail
+from fashionmv_builder.stages.dedupe.stage import Catalogue, Decisions, Thumbnails, cross_duplicates
+from fashionmv_builder.stages.ingest.images import check_image
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "build" / "sample-catalogue"

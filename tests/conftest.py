@@ -42,7 +42,7 @@ def sample_catalogue(tmp_path_factory) -> Path:
     built = REPO / "build" / "sample-catalogue"
     if (REPO / "build" / ".stamps" / "sample").exists() and (built / "ground_truth.json").exists():
         return built
-    from fashionmv_builder.sources.sample import generate_sample
+    from fashionmv_builder.devtools.sample_catalogue import generate_sample
 
     out = tmp_path_factory.mktemp("sample-catalogue")
     generate_sample(out, products=200, seed=0)
@@ -118,7 +118,7 @@ def vllm_server(tmp_path_factory):
 
 
 def _stage3_config(out: Path, catalogue: Path, url: str):
-    from fashionmv_builder.config import validate_config
+    from fashionmv_builder.core.config import validate_config
 
     return validate_config(
         {
@@ -138,24 +138,11 @@ def _stage3_config(out: Path, catalogue: Path, url: str):
 def stage3_build(sample_catalogue, vllm_server, tmp_path_factory):
     """Ingest through Stage 3 on the sample's deepfashion layout with the real vLLM server, built once per session
     and shared read-only by the triplet, report and audit tests."""
-    import asyncio
-
-    from fashionmv_builder.caption import CaptionStage
-    from fashionmv_builder.dedupe import run_dedupe
-    from fashionmv_builder.ingest import run_ingest
-    from fashionmv_builder.lmm.stage import run_stage
-    from fashionmv_builder.triplets.candidates import run_candidates
-    from fashionmv_builder.triplets.select import SelectStage
-    from fashionmv_builder.verify import VerifyStage
+    from fashionmv_builder.pipeline import run_local
 
     out = tmp_path_factory.mktemp("stage3")
     config = _stage3_config(out, sample_catalogue, vllm_server.spec.url)
-    run_ingest(config)
-    run_dedupe(config)
-    for stage in (CaptionStage, VerifyStage):
-        asyncio.run(run_stage(stage(config), [vllm_server.spec.url]))
-    run_candidates(config)
-    asyncio.run(run_stage(SelectStage(config), [vllm_server.spec.url]))
+    run_local(config)
     return config
 
 

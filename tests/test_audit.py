@@ -16,7 +16,9 @@ import pytest
 import yaml
 from conftest import REPO, jpeg_bytes
 
-from fashionmv_builder.audit.labels import (
+from fashionmv_builder.core.build import CAPTIONS, DEDUPE_VIEWS, INGEST_IMAGES, VERDICTS, Build, TableRef
+from fashionmv_builder.core.config import load_config
+from fashionmv_builder.outputs.audit.labels import (
     LabelsError,
     check_settings,
     draw_sample,
@@ -27,9 +29,7 @@ from fashionmv_builder.audit.labels import (
     save_labels,
     set_label,
 )
-from fashionmv_builder.audit.score import score_labels, wilson
-from fashionmv_builder.config import load_config
-from fashionmv_builder.shards import ShardStore
+from fashionmv_builder.outputs.audit.score import score_labels, wilson
 
 FASHIONMV = str(Path(sys.executable).with_name("fashionmv"))
 CHROMIUM = "/usr/bin/chromium"
@@ -120,10 +120,9 @@ def test_wilson_interval():
 # ---- the app on a small hand-made build (no browser) -------------------------------------------------------------
 
 
-def _write(out: Path, stage: str, table: str, rows: list[dict]) -> None:
-    ShardStore(str(out), stage, "shop").write(
-        0, {table: pa.Table.from_pylist(rows)}, config_hash="h", input_fingerprint="f", counts={}
-    )
+def _write(out: Path, ref: TableRef, rows: list[dict]) -> None:
+    tables = {ref.table: pa.Table.from_pylist(rows)}
+    Build(str(out)).write_shard(ref.stage, "shop", 0, tables, config_hash="h", fingerprint="f", counts={}, metadata={})
 
 
 def _caption(pid: str, n_views: int, text: str) -> dict:
@@ -155,20 +154,18 @@ def tiny_build(tmp_path) -> Path:
         }
         for n, (pid, i) in enumerate([("p1", 0), ("p1", 1), ("p3", 0)])
     ]
-    _write(out, "ingest", "images", images)
+    _write(out, INGEST_IMAGES, images)
     views = [
         {"product_id": r["product_id"], "view_index": r["view_index"], "file_name": "f.jpg", "view": None}
         for r in images
     ]
-    _write(out, "dedupe", "views", views)
-    _write(
-        out, "caption", "captions", [_caption("p1", 2, "one"), _caption("a/b", 1, "<b>two</b>"), _caption("p3", 1, "x")]
-    )
+    _write(out, DEDUPE_VIEWS, views)
+    _write(out, CAPTIONS, [_caption("p1", 2, "one"), _caption("a/b", 1, "<b>two</b>"), _caption("p3", 1, "x")])
     verdicts = [
         {"product_id": "p1", "verdict": "remove", "reason": "SECRET-REASON", "wrong_claims": ["SECRET-CLAIM"]},
         {"product_id": "a/b", "verdict": "pass", "reason": "fine", "wrong_claims": []},
     ]
-    _write(out, "verify", "verdicts", verdicts)
+    _write(out, VERDICTS, verdicts)
     config = tmp_path / "run.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -181,7 +178,7 @@ def tiny_build(tmp_path) -> Path:
 def test_app_serves_items_without_verdicts_and_refuses_bad_labels(tiny_build, tmp_path):
     from fastapi.testclient import TestClient
 
-    from fashionmv_builder.audit.app import create_app, open_session
+    from fashionmv_builder.outputs.audit.app import create_app, open_session
 
     config = load_config(tiny_build)
     labels = tmp_path / "labels.json"
@@ -221,7 +218,7 @@ def test_app_serves_items_without_verdicts_and_refuses_bad_labels(tiny_build, tm
 
 
 def test_score_command_prints_and_writes_json(tiny_build, tmp_path):
-    from fashionmv_builder.audit.app import open_session
+    from fashionmv_builder.outputs.audit.app import open_session
 
     labels = tmp_path / "labels.json"
     session = open_session(load_config(tiny_build), labels, sample=10, seed=0, cache_dir=tmp_path / "cache")
@@ -302,12 +299,9 @@ def test_audit_page_in_chromium(stage3_build, tmp_path):
     config.write_text(yaml.safe_dump(stage3_build.model_dump(mode="json")))
     labels = tmp_path / "labels.json"
     log = tmp_path / "serve.log"
-    verdicts = {
-        r["product_id"]: r
-        for r in ShardStore(stage3_build.output_dir, "verify", "deepfashion").read_table("verdicts").to_pylist()
-    }
+    verdicts = {r["product_id"]: r for r in Build(stage3_build.output_dir).rows(VERDICTS, "deepfashion")}
     assert verdicts, "the build has no verdicts to hide"
-    static = "".join(p.read_text() for p in (REPO / "fashionmv_builder" / "audit" / "static").iterdir())
+    static = "".join(p.read_text() for p in (REPO / "fashionmv_builder" / "outputs" / "audit" / "static").iterdir())
     ARTEFACTS.mkdir(parents=True, exist_ok=True)
 
     port = free_port()

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from fashionmv_builder.config import ConfigError, load_config
+from fashionmv_builder.core.config import ConfigError, load_config
 
 BASE = """
 output_dir: out

@@ -8,12 +8,14 @@ import pytest
 from conftest import jpeg_bytes, write
 from PIL import Image
 
-from fashionmv_builder import dedupe, neardup
-from fashionmv_builder.config import DedupeConfig, validate_config
-from fashionmv_builder.dedupe import Catalogue, Decisions, category_rejects, run_dedupe, view_count_rules
-from fashionmv_builder.ingest import run_ingest
-from fashionmv_builder.neardup import UnionFind, group_pairs, near_pairs, thumb_distance, thumbnail
-from fashionmv_builder.shards import ShardStore
+from fashionmv_builder.core.build import Build, TableRef
+from fashionmv_builder.core.config import DedupeConfig, validate_config
+from fashionmv_builder.core.shards import ShardStore
+from fashionmv_builder.pipeline import run_local
+from fashionmv_builder.stages.dedupe import neardup
+from fashionmv_builder.stages.dedupe import stage as dedupe
+from fashionmv_builder.stages.dedupe.neardup import UnionFind, group_pairs, near_pairs, thumb_distance, thumbnail
+from fashionmv_builder.stages.dedupe.stage import Catalogue, Decisions, category_rejects, view_count_rules
 
 # ---------------------------------------------------------------------------------------------------------
 # the search
@@ -114,7 +116,7 @@ def test_category_allow_list_matches_case_insensitively_and_by_first_part_and_pa
     decisions = Decisions()
     category_rejects(cat, ("dresses", "TOPS"), decisions)
     assert sorted(decisions.product_rejects) == [2, 4]
-    assert {r[0] for r in decisions.product_rejects.values()} == {"not_clothing_category"}
+    assert {r.reason for r in decisions.product_rejects.values()} == {"not_clothing_category"}
     decisions = Decisions()
     category_rejects(cat, None, decisions)
     assert decisions.product_rejects == {}
@@ -127,8 +129,8 @@ def test_view_rule_keeps_the_first_five_in_plain_file_name_order_and_rejects_sho
     view_count_rules(cat, DedupeConfig(), decisions)
     beyond = sorted(cat.views[v]["file_name"] for v, r in decisions.view_rejects.items())
     assert beyond == ["5.jpg", "6.jpg"]  # "10.jpg" sorts before "2.jpg"
-    assert {r[0] for r in decisions.view_rejects.values()} == {"view_beyond_limit"}
-    assert decisions.product_rejects[1][0] == "too_few_views"
+    assert {r.reason for r in decisions.view_rejects.values()} == {"view_beyond_limit"}
+    assert decisions.product_rejects[1].reason == "too_few_views"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -168,15 +170,15 @@ def _config(tmp_path, **dedupe_settings):
 
 
 def _rejects(config) -> dict[tuple[str, str | None], tuple[str, str | None]]:
-    rows = ShardStore(config.output_dir, "dedupe", "shop").read_table("rejects").to_pylist()
+    rows = Build(config.output_dir).read(TableRef("dedupe", "rejects"), "shop").to_pylist()
     return {(r["product_id"], r["file_name"]): (r["reason"], r["related_id"]) for r in rows}
 
 
 def test_stage_applies_every_rule_conserves_counts_and_keeps_shards_aligned(tmp_path):
     files = _shop(tmp_path / "shop")
     config = _config(tmp_path)
-    run_ingest(config)
-    [report] = run_dedupe(config)
+    run_local(config, ["ingest"])
+    [report] = run_local(config, ["dedupe"])["dedupe"]
     assert _rejects(config) == {
         ("p1", "c.jpg"): ("duplicate_view", "a.jpg"),
         ("p3", None): ("duplicate_product", "p2"),
@@ -211,8 +213,8 @@ def test_stage_applies_every_rule_conserves_counts_and_keeps_shards_aligned(tmp_
 def test_rerun_with_nothing_changed_does_no_work_and_a_lost_shard_is_redone_alone(tmp_path, monkeypatch):
     _shop(tmp_path / "shop")
     config = _config(tmp_path)
-    run_ingest(config)
-    [first] = run_dedupe(config)
+    run_local(config, ["ingest"])
+    [first] = run_local(config, ["dedupe"])["dedupe"]
     assert first.skipped == 0 and first.shards == 3
 
     def no_work(*args, **kwargs):
@@ -220,25 +222,27 @@ def test_rerun_with_nothing_changed_does_no_work_and_a_lost_shard_is_redone_alon
 
     with monkeypatch.context() as patch:
         patch.setattr(dedupe, "load_catalogue", no_work)
-        [again] = run_dedupe(config)
+        [again] = run_local(config, ["dedupe"])["dedupe"]
     assert again.skipped == 3
     assert again.stats == first.stats
 
     store = ShardStore(config.output_dir, "dedupe", "shop")
     store.fs.rm_file(store.marker_path(1))
-    [redo] = run_dedupe(config)
+    [redo] = run_local(config, ["dedupe"])["dedupe"]
     assert redo.skipped == 2
     assert redo.stats["counts"] == first.stats["counts"]
 
-    [changed] = run_dedupe(_config(tmp_path, min_image_side=32))  # a threshold change redoes every shard
+    [changed] = run_local(_config(tmp_path, min_image_side=32), ["dedupe"])[
+        "dedupe"
+    ]  # a threshold change redoes every shard
     assert changed.skipped == 0
     assert ("p7", "1.jpg") not in _rejects(config)
 
 
 def test_dedupe_without_ingest_reports_an_error(tmp_path):
     (tmp_path / "shop").mkdir()
-    [report] = run_dedupe(_config(tmp_path))
-    assert "run ingest first" in report.stats["error"]
+    [report] = run_local(_config(tmp_path), ["dedupe"])["dedupe"]
+    assert "run ingest first" in report.error
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -259,9 +263,9 @@ def test_sample_catalogue_duplicates_faults_and_near_misses(sample_catalogue, tm
             "dedupe": {"clothing_categories": DEEPFASHION_CLOTHING},
         }
     )
-    run_ingest(config)
-    [report] = run_dedupe(config)
-    rows = ShardStore(config.output_dir, "dedupe", "df").read_table("rejects").to_pylist()
+    run_local(config, ["ingest"])
+    [report] = run_local(config, ["dedupe"])["dedupe"]
+    rows = Build(config.output_dir).read(TableRef("dedupe", "rejects"), "df").to_pylist()
     found = {(r["product_id"], r["file_name"]): (r["reason"], r["related_id"]) for r in rows}
 
     # every planted dedupe fault, with its reason and the id it duplicates, and nothing else but non-clothing
@@ -277,7 +281,7 @@ def test_sample_catalogue_duplicates_faults_and_near_misses(sample_catalogue, tm
 
     # no near-miss (or its base) is merged; the re-listed product's original is kept with its cluster
     products = {
-        r["product_id"]: r for r in ShardStore(config.output_dir, "dedupe", "df").read_table("products").to_pylist()
+        r["product_id"]: r for r in Build(config.output_dir).read(TableRef("dedupe", "products"), "df").to_pylist()
     }
     for p in truth["products"]:
         if p["role"] == "near_miss":

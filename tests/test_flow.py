@@ -6,7 +6,6 @@ At temperature 0 a CPU server's answers still vary with how requests are batched
 same tables as the direct run replay its stored answers (and are checked to ask the server nothing).
 """
 
-import asyncio
 import json
 import os
 import re
@@ -22,18 +21,14 @@ import httpx
 import pytest
 from conftest import SMALL_WORDS
 
-from fashionmv_builder.caption import CaptionStage
-from fashionmv_builder.config import RunConfig, load_config
-from fashionmv_builder.dedupe import run_dedupe
-from fashionmv_builder.ingest import run_ingest
-from fashionmv_builder.lmm.calls import AnswerStore
+from fashionmv_builder.core.build import Build, TableRef
+from fashionmv_builder.core.config import RunConfig, load_config
+from fashionmv_builder.core.stage import ShardTask
+from fashionmv_builder.lmm.harness import ask_key
 from fashionmv_builder.lmm.media import MediaCache
 from fashionmv_builder.lmm.server import free_port
-from fashionmv_builder.lmm.stage import ask_key, run_stage
-from fashionmv_builder.shards import ShardStore
-from fashionmv_builder.triplets.candidates import run_candidates
-from fashionmv_builder.triplets.select import SelectStage
-from fashionmv_builder.verify import VerifyStage
+from fashionmv_builder.pipeline import run_local
+from fashionmv_builder.stages.caption import CaptionStage
 
 pytestmark = pytest.mark.slow
 
@@ -47,10 +42,11 @@ TABLES = {
     "dedupe": ("products", "views", "rejects"),
     "caption": ("captions", "rejects"),
     "verify": ("verdicts", "rejects"),
+    "embed": ("embeddings", "rejects"),
     "candidates": ("products", "candidates", "rejects"),
-    "triplets": ("triplets", "hard_negatives", "rejects"),
+    "select": ("triplets", "hard_negatives", "rejects"),
 }
-LMM = ("caption", "verify", "triplets")
+LMM = ("caption", "verify", "select")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,13 +169,7 @@ def _load(config_file: Path, out: Path, **overrides) -> RunConfig:
 def direct_build(config_file, vllm_server, tmp_path_factory) -> Path:
     """What `fashionmv run` does, called from Python: the reference the flow's tables must equal."""
     out = tmp_path_factory.mktemp("direct") / "out"
-    config = _load(config_file, out)
-    run_ingest(config)
-    run_dedupe(config)
-    for stage in (CaptionStage(config), VerifyStage(config)):
-        asyncio.run(run_stage(stage, [vllm_server.spec.url]))
-    run_candidates(config)
-    asyncio.run(run_stage(SelectStage(config), [vllm_server.spec.url]))
+    run_local(_load(config_file, out))
     return out
 
 
@@ -189,9 +179,9 @@ def direct_build(config_file, vllm_server, tmp_path_factory) -> Path:
 
 def _assert_same_tables(expected: Path, got: Path) -> None:
     for stage, tables in TABLES.items():
-        want, have = ShardStore(str(expected), stage, DATASET), ShardStore(str(got), stage, DATASET)
+        want, have = Build(str(expected)), Build(str(got))
         for table in tables:
-            a, b = want.read_table(table), have.read_table(table)
+            a, b = want.read(TableRef(stage, table), DATASET), have.read(TableRef(stage, table), DATASET)
             assert a.num_rows > 0 or table == "rejects", f"{stage}/{table} is empty"
             assert a.equals(b), f"{stage}/{table}: {b.num_rows} rows differ from the direct run's {a.num_rows}"
 
@@ -272,7 +262,7 @@ def test_deployments_on_a_local_server_build_what_a_direct_run_builds(
         _assert_same_tables(direct_build, out)
     assert _server_requests(url) == before  # every LMM answer was replayed from the store
     # the stats are on the server as table artifacts, one per stage
-    verified = ShardStore(str(outs["served"]), "verify", DATASET).read_stats()["counts"]
+    verified = Build(str(outs["served"])).counts("verify", DATASET)
     [row] = _latest_table_artifact(api, "fashionmv-flow-test-verify")
     assert (row["dataset"], row["products out"]) == (DATASET, verified["products_out"])
 
@@ -311,15 +301,16 @@ def _first_request_keys(config: RunConfig) -> dict[int, set[str]]:
     # no file:// URLs, so nothing is written beside the running flow's media cache; the hashes are the same
     ctx = SimpleNamespace(media=MediaCache(Path("unused"), config.lmm.image_max_pixels, share_disk=False))
     return {
-        marker.shard: {ask_key(stage.ask(item, ctx)) for item in stage.load_items(marker)}
-        for marker in ShardStore(config.output_dir, "dedupe", DATASET).markers()
+        marker.shard: {ask_key(stage.ask(item, ctx)) for item in stage.load_items(ShardTask(DATASET, marker.shard, ""))}
+        for marker in Build(config.output_dir).markers("dedupe", DATASET)
     }
 
 
 def _wait_mid_caption(flow_run: subprocess.Popen, config: RunConfig, log: Path) -> None:
     """Until at least one caption shard is complete and another has stored answers but no marker yet."""
     out = Path(config.output_dir)
-    captions, answers = ShardStore(config.output_dir, "caption", DATASET), AnswerStore(config.output_dir, "caption")
+    build = Build(config.output_dir)
+    answers = build.answers("caption")
     keys: dict[int, set[str]] = {}
     deadline = time.monotonic() + 400
     while True:
@@ -327,7 +318,7 @@ def _wait_mid_caption(flow_run: subprocess.Popen, config: RunConfig, log: Path) 
         assert time.monotonic() < deadline, f"captioning did not get under way:\n{_tail(log)}"
         if not keys and (out / "dedupe" / DATASET / "stats.json").exists():
             keys = _first_request_keys(config)
-        done = {m.shard for m in captions.markers()}
+        done = {m.shard for m in build.markers("caption", DATASET)}
         started = [s for s, ks in keys.items() if s not in done and any(answers.get(k) for k in ks)]
         if done and started:
             return
@@ -335,7 +326,7 @@ def _wait_mid_caption(flow_run: subprocess.Popen, config: RunConfig, log: Path) 
 
 
 def _ids(config: RunConfig, stage: str, table: str) -> list[str]:
-    rows = ShardStore(config.output_dir, stage, DATASET).read_table(table, columns=["product_id"])
+    rows = Build(config.output_dir).read(TableRef(stage, table), DATASET, columns=["product_id"])
     return rows.column("product_id").to_pylist() if rows.num_columns else []  # no marked shard: no columns
 
 
@@ -359,7 +350,7 @@ def test_kill_9_mid_caption_then_rerun_skips_done_shards_and_asks_nothing_twice(
         _stop(first)
     caption_markers = out / "caption" / DATASET / "_markers"
     done_before = {p.name: p.stat().st_mtime_ns for p in caption_markers.glob("*.json")}
-    stores = [AnswerStore(config.output_dir, stage) for stage in LMM]
+    stores = [Build(config.output_dir).answers(stage) for stage in LMM]
     answers_before = sum(s.count() for s in stores)
     _wait_until_idle(url)
     requests_before = _server_requests(url)
@@ -376,7 +367,7 @@ def test_kill_9_mid_caption_then_rerun_skips_done_shards_and_asks_nothing_twice(
     new_answers = sum(s.count() for s in stores) - answers_before
     assert new_answers > 0
     assert _server_requests(url) - requests_before == new_answers
-    markers = ShardStore(config.output_dir, "caption", DATASET).markers()
+    markers = Build(config.output_dir).markers("caption", DATASET)
     redone = [m for m in markers if f"part-{m.shard:05d}.json" not in done_before]
     assert sum(m.counts["answers_replayed"] for m in redone) > 0  # the shard cut short replayed what it had
 
@@ -393,11 +384,10 @@ def test_kill_9_mid_caption_then_rerun_skips_done_shards_and_asks_nothing_twice(
         shutil.copytree(out / stage, rebuilt / stage)
     _seed_answers(out, rebuilt)
     again = _load(config_file, rebuilt, **overrides)
-    for stage in (CaptionStage(again), VerifyStage(again), SelectStage(again)):
-        if stage.name == "triplets":
-            run_candidates(again)
-        [report] = asyncio.run(run_stage(stage, [url]))
-        assert report.stats["counts"]["requests_sent"] == 0
-        for table in TABLES[stage.name]:
-            want = ShardStore(config.output_dir, stage.name, DATASET).read_table(table)
-            assert ShardStore(again.output_dir, stage.name, DATASET).read_table(table).equals(want), table
+    reports = run_local(again)
+    for stage in LMM:
+        [report] = reports[stage]
+        assert report.counts["requests_sent"] == 0
+        for table in TABLES[stage]:
+            ref = TableRef(stage, table)
+            assert Build(again.output_dir).read(ref, DATASET).equals(Build(config.output_dir).read(ref, DATASET)), ref

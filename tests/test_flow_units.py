@@ -1,26 +1,26 @@
 """The flow module's own small pieces, without a server: runner choice, retry rule, stats tables, artifact keys."""
 
-from prefect.states import Completed, Failed
-from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
-
-from fashionmv_builder.config import ConfigError
-from fashionmv_builder.lmm.calls import CircuitOpen
-from fashionmv_builder.lmm.client import LmmUnreachable
-from flows.build_fashionmv import (
+from fashionmv_builder.flows.build_fashionmv import (
     FLOW_NAME,
-    LMM_TAG,
     _worth_retrying,
     artifact_key,
     build_fashionmv,
-    lmm_shard,
     local_runner,
-    stage_rows,
+    shard_task,
 )
+from prefect.states import Completed, Failed
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+from fashionmv_builder.cli.common import stage_rows
+from fashionmv_builder.core.config import ConfigError
+from fashionmv_builder.core.stage import StageReport
+from fashionmv_builder.lmm.calls import CircuitOpen
+from fashionmv_builder.lmm.client import LmmUnreachable
 
 
-def test_the_flow_and_its_lmm_tasks_carry_the_documented_names():
+def test_the_flow_and_its_shard_tasks_carry_the_documented_names():
     assert build_fashionmv.name == FLOW_NAME == "build-fashionmv"
-    assert LMM_TAG in lmm_shard.tags and lmm_shard.retries >= 1
+    assert shard_task.retries >= 1
 
 
 def test_local_runner_uses_processes_only_for_heavy_stages_with_several_workers():
@@ -43,14 +43,10 @@ def test_retries_are_spent_only_where_they_can_help():
 
 
 def test_stage_rows_show_counts_rejects_and_errors():
+    counts = {"products_in": 10, "products_out": 8, "rejected.too_few_views": 2, "views_in": 30}
     reports = [
-        {
-            "dataset": "shop",
-            "shards": 3,
-            "skipped": 1,
-            "stats": {"counts": {"products_in": 10, "products_out": 8, "rejected.too_few_views": 2, "views_in": 30}},
-        },
-        {"dataset": "gone", "shards": 0, "skipped": 0, "stats": {"error": "cannot list the source: missing"}},
+        StageReport("dedupe", "shop", shards=3, skipped=1, stats={"counts": counts}),
+        StageReport("dedupe", "gone", error="cannot list the source: missing"),
     ]
     shop, gone = stage_rows(reports)
     assert shop["products in"] == 10 and shop["products out"] == 8 and shop["views out"] == 0

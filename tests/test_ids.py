@@ -1,6 +1,6 @@
 import pytest
 
-from fashionmv_builder.ids import DEEPFASHION_ID, id_problem
+from fashionmv_builder.core.ids import DEEPFASHION_ID, id_problem
 
 
 @pytest.mark.parametrize(

@@ -4,10 +4,10 @@ import zlib
 
 import pytest
 from conftest import jpeg_bytes
+from fashionmv_builder.data_schema.reasons import RejectReason
 from PIL import Image
 
-from data_schema.reasons import RejectReason
-from fashionmv_builder.images import ImageRejected, check_image, hamming
+from fashionmv_builder.stages.ingest.images import ImageRejected, check_image, hamming
 
 LIMITS = {"max_file_bytes": 1_000_000, "max_image_pixels": 10_000_000, "allowed_formats": ("JPEG", "PNG", "WEBP")}
 
@@ -27,7 +27,7 @@ def png_header_bomb(width: int, height: int) -> bytes:
 def _reason(data: bytes, **limits) -> RejectReason:
     with pytest.raises(ImageRejected) as err:
         check_image(data, **{**LIMITS, **limits})
-    return err.value.reason
+    return err.value.reject.reason
 
 
 def test_good_jpeg_keeps_its_bytes_and_size():

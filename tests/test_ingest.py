@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 from conftest import jpeg_bytes, write
 from test_images import png_header_bomb
 
-from fashionmv_builder.config import load_config
-from fashionmv_builder.ingest import run_ingest
-from fashionmv_builder.shards import ShardStore
+from fashionmv_builder.core.config import load_config
+from fashionmv_builder.core.shards import ShardStore
+from fashionmv_builder.pipeline import run_local
 
 
 def _catalogue(root: Path) -> None:
@@ -42,7 +42,7 @@ def _files(out: Path) -> dict[str, tuple[int, bytes]]:
 def test_ingest_rejects_conserves_and_resumes(tmp_path):
     _catalogue(tmp_path / "shop")
     cfg = load_config(_config(tmp_path))
-    [report] = run_ingest(cfg)
+    [report] = run_local(cfg, ["ingest"])["ingest"]
     counts = report.stats["counts"]
     assert report.shards == 3 and report.skipped == 0
     assert counts["products_in"] == 8
@@ -77,18 +77,18 @@ def test_ingest_rejects_conserves_and_resumes(tmp_path):
 
     # A rerun on finished output does no work and changes no file.
     before = _files(tmp_path / "out")
-    [again] = run_ingest(load_config(_config(tmp_path)))
+    [again] = run_local(load_config(_config(tmp_path)), ["ingest"])["ingest"]
     assert again.skipped == again.shards == 3
     assert _files(tmp_path / "out") == before
 
     # Touching one input redoes only the shard holding it.
     target = tmp_path / "shop" / "p5" / "0_view.jpg"
     os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 1_000_000))
-    [touched] = run_ingest(load_config(_config(tmp_path)))
+    [touched] = run_local(load_config(_config(tmp_path)), ["ingest"])["ingest"]
     assert touched.skipped == 2
 
     # A config change that affects ingest's output redoes the shards, and the new limit applies.
-    [changed] = run_ingest(load_config(_config(tmp_path, "ingest:\n  max_image_pixels: 5000\n")))
+    [changed] = run_local(load_config(_config(tmp_path, "ingest:\n  max_image_pixels: 5000\n")), ["ingest"])["ingest"]
     assert changed.skipped == 0
     assert changed.stats["counts"]["rejected.decompression_bomb"] == 1 + 18
     marker = json.loads((tmp_path / "out" / "ingest" / "shop" / "_markers" / "part-00000.json").read_text())

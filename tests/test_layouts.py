@@ -3,18 +3,18 @@
 import h5py
 import numpy as np
 from conftest import jpeg_bytes, write
+from fashionmv_builder.data_schema.reasons import RejectReason
 
-from data_schema.reasons import RejectReason
-from fashionmv_builder.config import (
+from fashionmv_builder.core.config import (
     DeepFashionSource,
     Fashion200kSource,
     FashionGenSource,
     FolderSource,
 )
-from fashionmv_builder.sources.deepfashion import DeepFashionCrawler
-from fashionmv_builder.sources.fashion200k import Fashion200kCrawler
-from fashionmv_builder.sources.fashiongen import FashionGenCrawler
-from fashionmv_builder.sources.folder import FolderCrawler
+from fashionmv_builder.stages.ingest.sources.deepfashion import DeepFashionCrawler
+from fashionmv_builder.stages.ingest.sources.fashion200k import Fashion200kCrawler
+from fashionmv_builder.stages.ingest.sources.fashiongen import FashionGenCrawler
+from fashionmv_builder.stages.ingest.sources.folder import FolderCrawler
 
 
 def _listing(crawler) -> dict[str, list[str]]:
@@ -108,10 +108,10 @@ def test_folder_tree_nested_ids_unsafe_names_and_symlinks(tmp_path):
     products = {p.product_id: p for p in crawler.list_products()}
     assert sorted(products) == ["bad id!", "brand/p2", "p1", "p3", "p4"]
     assert [v.view for v in products["p1"].views] == ["back", "front"]
-    assert products["bad id!"].problem[0] == RejectReason.INVALID_PRODUCT_ID
-    assert products["p3"].views[1].problem[0] == RejectReason.UNSAFE_PATH
+    assert products["bad id!"].problem.reason == RejectReason.INVALID_PRODUCT_ID
+    assert products["p3"].views[1].problem.reason == RejectReason.UNSAFE_PATH
     assert products["p3"].views[0].problem is None
-    assert products["p4"].problem[0] == RejectReason.UNSAFE_PATH and products["p4"].views == ()
+    assert products["p4"].problem.reason == RejectReason.UNSAFE_PATH and products["p4"].views == ()
 
 
 def test_missing_root_is_a_clear_error(tmp_path):

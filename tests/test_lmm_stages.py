@@ -1,6 +1,5 @@
 """Stage 1 (captions) and Stage 2 (verifier) against a real vLLM server with a tiny random-weight model."""
 
-import asyncio
 import json
 import re
 import threading
@@ -10,19 +9,15 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import SMALL_WORDS
+from fashionmv_builder.data_schema.reasons import RejectReason
 
-from data_schema.reasons import RejectReason
-from fashionmv_builder.caption import CaptionStage
-from fashionmv_builder.config import RunConfig, validate_config
-from fashionmv_builder.dedupe import run_dedupe
-from fashionmv_builder.ingest import run_ingest
-from fashionmv_builder.lmm.calls import AnswerStore, CircuitOpen
+from fashionmv_builder.core.build import Build, TableRef
+from fashionmv_builder.core.config import RunConfig, validate_config
+from fashionmv_builder.devtools.score_captions import score_build
+from fashionmv_builder.lmm.calls import CircuitOpen
 from fashionmv_builder.lmm.client import LmmUnreachable
 from fashionmv_builder.lmm.server import free_port
-from fashionmv_builder.lmm.stage import run_stage
-from fashionmv_builder.score_captions import score_build
-from fashionmv_builder.shards import ShardStore
-from fashionmv_builder.verify import VerifyStage
+from fashionmv_builder.pipeline import run_local
 
 pytestmark = pytest.mark.slow
 
@@ -60,8 +55,7 @@ def deduped(sample_catalogue, tmp_path_factory):
     out = tmp_path_factory.mktemp("lmm-build")
     (out / "sample-root.txt").write_text(str(sample_catalogue))
     config = _config(out, "http://unused")
-    run_ingest(config)
-    run_dedupe(config)
+    run_local(config, ["ingest", "dedupe"])
     return out
 
 
@@ -75,7 +69,7 @@ def _copy_build(src, dst):
 
 
 def _counts(config, stage: str) -> dict:
-    return ShardStore(config.output_dir, stage, "deepfashion").read_stats()["counts"]
+    return Build(config.output_dir).counts(stage, "deepfashion")
 
 
 def _server_requests(url: str) -> int:
@@ -86,28 +80,28 @@ def _server_requests(url: str) -> int:
 def test_caption_then_verify_on_the_sample(deduped, vllm_server, tmp_path):
     _copy_build(deduped, tmp_path)
     config = _config(tmp_path, vllm_server.spec.url)
-    [caption] = asyncio.run(run_stage(CaptionStage(config), [vllm_server.spec.url]))
+    [caption] = run_local(config, ["caption"])["caption"]
     c = caption.stats["counts"]
     assert c["products_in"] > 100
     assert c["products_out"] >= 0.9 * c["products_in"], c  # >= 90% valid answers
     assert c["products_in"] == c["products_out"] + c["products_rejected"]
     assert c["tokens_in"] > 0 and c["tokens_out"] > 0
-    captions = ShardStore(config.output_dir, "caption", "deepfashion").read_table("captions").to_pylist()
+    captions = Build(config.output_dir).read(TableRef("caption", "captions"), "deepfashion").to_pylist()
     assert len(captions) == c["products_out"] == len({r["product_id"] for r in captions})
-    views = ShardStore(config.output_dir, "dedupe", "deepfashion").read_table("views").to_pylist()
+    views = Build(config.output_dir).read(TableRef("dedupe", "views"), "deepfashion").to_pylist()
     n_views = {}
     for v in views:
         n_views[v["product_id"]] = n_views.get(v["product_id"], 0) + 1
     assert all(len(r["view_captions"]) == n_views[r["product_id"]] for r in captions)
     assert all(10 <= len(r["long_caption"].split()) <= 20 for r in captions)
 
-    [verify] = asyncio.run(run_stage(VerifyStage(config), [vllm_server.spec.url]))
+    [verify] = run_local(config, ["verify"])["verify"]
     v = verify.stats["counts"]
     assert v["products_in"] == c["products_out"]
     answered = v["products_in"] - v.get("rejected.invalid_lmm_answer", 0)
     assert answered >= 0.9 * v["products_in"], v
     assert v["products_in"] == v["products_out"] + v["products_rejected"]
-    rejects = ShardStore(config.output_dir, "verify", "deepfashion").read_table("rejects").to_pylist()
+    rejects = Build(config.output_dir).read(TableRef("verify", "rejects"), "deepfashion").to_pylist()
     assert {r["reason"] for r in rejects} <= {RejectReason.REMOVED_BY_VERIFIER, RejectReason.INVALID_LMM_ANSWER}
 
     # The scorer runs on the real answers (a random model scores at chance; the scorer's own tests check it is right).
@@ -118,7 +112,7 @@ def test_caption_then_verify_on_the_sample(deduped, vllm_server, tmp_path):
 
     # A rerun replays nothing and asks nothing: every shard is complete.
     before = _server_requests(vllm_server.spec.url)
-    [again] = asyncio.run(run_stage(CaptionStage(config), [vllm_server.spec.url]))
+    [again] = run_local(config, ["caption"])["caption"]
     assert again.skipped == again.shards
     assert _server_requests(vllm_server.spec.url) == before
 
@@ -127,7 +121,7 @@ def test_unreachable_server_is_a_clear_error(deduped, tmp_path):
     _copy_build(deduped, tmp_path)
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(LmmUnreachable, match=re.escape(url) + ".*fashionmv serve-lmm"):
-        asyncio.run(run_stage(CaptionStage(_config(tmp_path, url)), [url]))
+        run_local(_config(tmp_path, url), ["caption"])
 
 
 def test_invalid_answers_are_retried_then_rejected_and_the_breaker_trips(deduped, vllm_server, tmp_path):
@@ -139,12 +133,12 @@ def test_invalid_answers_are_retried_then_rejected_and_the_breaker_trips(deduped
             "caption": _config(tmp_path, url).caption.model_copy(update={"max_tokens": 12, "breaker_threshold": 1.0})
         }
     )
-    [report] = asyncio.run(run_stage(CaptionStage(tolerant), [url], pilot=0.1))
+    [report] = run_local(tolerant, ["caption"], pilot=0.1)["caption"]
     counts = report.stats["counts"]
     assert counts["products_out"] == 0
     assert counts["rejected.invalid_lmm_answer"] == counts["products_in"] > 0
     assert counts["requests_sent"] == 2 * counts["products_in"]  # the first answer and one retry each
-    rejects = ShardStore(tolerant.output_dir, "caption", "deepfashion").read_table("rejects").to_pylist()
+    rejects = Build(tolerant.output_dir).read(TableRef("caption", "rejects"), "deepfashion").to_pylist()
     assert all("cut off at max_tokens" in r["detail"] for r in rejects)
 
     strict = tolerant.model_copy(
@@ -155,19 +149,19 @@ def test_invalid_answers_are_retried_then_rejected_and_the_breaker_trips(deduped
     )
     _copy_build(deduped, tmp_path / "b")
     with pytest.raises(CircuitOpen, match="over the threshold"):
-        asyncio.run(run_stage(CaptionStage(strict), [url]))
+        run_local(strict, ["caption"])
 
 
 def test_server_killed_mid_stage_resumes_without_paying_twice(deduped, vllm_server, tmp_path):
     _copy_build(deduped, tmp_path)
     url = vllm_server.spec.url
     config = _config(tmp_path, url, retries=1, backoff_s=0.1)
-    answers = AnswerStore(config.output_dir, "caption")
+    answers = Build(config.output_dir).answers("caption")
     failure: list[BaseException] = []
 
     def first_run() -> None:
         try:
-            asyncio.run(run_stage(CaptionStage(config), [url]))
+            run_local(config, ["caption"])
         except BaseException as err:  # the crash we cause
             failure.append(err)
 
@@ -183,18 +177,18 @@ def test_server_killed_mid_stage_resumes_without_paying_twice(deduped, vllm_serv
     assert stored >= 20
 
     vllm_server.start(timeout_s=600)  # reaps the orphaned engine, starts a fresh server (counters at zero)
-    [report] = asyncio.run(run_stage(CaptionStage(config), [url]))
+    [report] = run_local(config, ["caption"])["caption"]
     new_answers = answers.count() - stored
     assert _server_requests(url) == new_answers  # no stored answer was requested again
     counts = report.stats["counts"]
     assert counts["answers_replayed"] > 0  # the answers stored before the crash were replayed, not requested
     assert counts["products_in"] == counts["products_out"] + counts["products_rejected"]
-    captions = ShardStore(config.output_dir, "caption", "deepfashion").read_table("captions").to_pylist()
-    products = ShardStore(config.output_dir, "dedupe", "deepfashion").read_table("products").to_pylist()
+    captions = Build(config.output_dir).read(TableRef("caption", "captions"), "deepfashion").to_pylist()
+    products = Build(config.output_dir).read(TableRef("dedupe", "products"), "deepfashion").to_pylist()
     ids = [r["product_id"] for r in captions]
     assert len(ids) == len(set(ids))  # nothing duplicated
     rejected = {
         r["product_id"]
-        for r in ShardStore(config.output_dir, "caption", "deepfashion").read_table("rejects").to_pylist()
+        for r in Build(config.output_dir).read(TableRef("caption", "rejects"), "deepfashion").to_pylist()
     }
     assert set(ids) | rejected == {p["product_id"] for p in products}  # nothing lost

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fashionmv_builder.data_schema.reasons import RejectReason
 from PIL import Image
 
-from data_schema.reasons import RejectReason
-from fashionmv_builder.config import ConfigError, HttpConfig, ManifestSource
-from fashionmv_builder.sources.base import RawProduct, RawView, ViewReadError
-from fashionmv_builder.sources.manifest import ManifestCrawler, address_problem
+from fashionmv_builder.core.config import ConfigError, HttpConfig, ManifestSource
+from fashionmv_builder.core.ledger import Reject
+from fashionmv_builder.stages.ingest.sources.base import RawProduct, RawView
+from fashionmv_builder.stages.ingest.sources.manifest import ManifestCrawler, address_problem
 
 MAX_FILE_BYTES = 64_000
 BIG_BODY = 200_000  # over MAX_FILE_BYTES
@@ -203,7 +204,7 @@ def _crawler(path: Path, base_url: str | None = None, **http: Any) -> ManifestCr
     return ManifestCrawler(source, _http(**http), MAX_FILE_BYTES)
 
 
-def _fetch(crawler: ManifestCrawler, views: list[RawView]) -> dict[str, bytes | ViewReadError]:
+def _fetch(crawler: ManifestCrawler, views: list[RawView]) -> dict[str, bytes | Reject]:
     outcomes = dict((v.locator, result) for v, result in crawler.read_views(views))
     assert len(outcomes) == len(views)
     return outcomes
@@ -261,34 +262,34 @@ def test_listing_sorts_groups_and_flags_problems(tmp_path: Path) -> None:
 
     for bad_id in ("../evil", "ok/../x"):
         problem = by_id[bad_id].problem
-        assert problem is not None and problem[0] is RejectReason.INVALID_PRODUCT_ID
-        assert problem[1].startswith(("line 7:", "line 8:"))
+        assert problem is not None and problem.reason is RejectReason.INVALID_PRODUCT_ID
+        assert problem.detail.startswith(("line 7:", "line 8:"))
         assert len(by_id[bad_id].views) == 1  # the views stay listed so ingest can count them
 
     for line, why in ((6, "not valid JSON"), (12, "missing product_id"), (15, "not a string"), (16, "JSON object")):
         product = by_id[f"line-{line}"]
         assert product.problem is not None
-        assert product.problem[0] is RejectReason.INVALID_PRODUCT_ID
-        assert product.problem[1].startswith(f"line {line}:") and why in product.problem[1]
+        assert product.problem.reason is RejectReason.INVALID_PRODUCT_ID
+        assert product.problem.detail.startswith(f"line {line}:") and why in product.problem.detail
         assert len(product.views) == 1 and product.views[0].problem == product.problem
 
     p3 = by_id["p3"]
     assert p3.problem is None
     assert len(p3.views) == 3
     for v in p3.views:
-        assert v.problem is not None and v.problem[0] is RejectReason.BAD_URL and "not http(s)" in v.problem[1]
+        assert v.problem is not None and v.problem.reason is RejectReason.BAD_URL and "not http(s)" in v.problem.detail
 
     (p4_view,) = by_id["p4"].views
-    assert p4_view.problem == (RejectReason.BAD_URL, "line 14: missing url")
-    assert all("\n" not in (p.problem or (None, ""))[1] for p in products)
+    assert p4_view.problem == Reject(RejectReason.BAD_URL, "line 14: missing url")
+    assert all("\n" not in (p.problem.detail if p.problem else "") for p in products)
 
 
 def test_relative_url_without_base_url_is_bad(tmp_path: Path) -> None:
     path = _write_jsonl(tmp_path / "m.jsonl", [{"product_id": "a", "url": "img/a.jpg"}])
     (product,) = _crawler(path).list_products()
     assert product.views[0].problem is not None
-    assert product.views[0].problem[0] is RejectReason.BAD_URL
-    assert "no base_url" in product.views[0].problem[1]
+    assert product.views[0].problem.reason is RejectReason.BAD_URL
+    assert "no base_url" in product.views[0].problem.detail
 
 
 def test_stamp_follows_the_manifest_row(tmp_path: Path) -> None:
@@ -326,7 +327,7 @@ def test_csv_manifest_lists_like_jsonl(tmp_path: Path) -> None:
     assert summary(csv_path) == summary(jsonl)
     p9 = [p for p in _crawler(csv_path, base_url="http://shop.example.com/").list_products() if p.product_id == "p9"]
     assert p9[0].views[0].problem is not None
-    assert p9[0].views[0].problem[0] is RejectReason.BAD_URL
+    assert p9[0].views[0].problem.reason is RejectReason.BAD_URL
     assert p9[0].views[0].view == "side"
 
 
@@ -377,18 +378,18 @@ def test_fetch_outcomes(tmp_path: Path, server: Server) -> None:
         if isinstance(expected, bytes):
             assert got == expected, f"{path}: {got!r}"
         else:
-            assert isinstance(got, ViewReadError), f"{path}: got {len(got)} bytes"
+            assert isinstance(got, Reject), f"{path}: got {len(got)} bytes"
             assert got.reason is expected, f"{path}: {got.reason} {got.detail}"
             assert url in got.detail and "\n" not in got.detail
 
     not_found = outcomes[f"{server.url}/missing.jpg"]
-    assert isinstance(not_found, ViewReadError) and "404" in not_found.detail
+    assert isinstance(not_found, Reject) and "404" in not_found.detail
 
     # The declared size is refused before the body is read; the undeclared one while it streams.
     declared = outcomes[f"{server.url}/big/declared.jpg"]
     streamed = outcomes[f"{server.url}/big/streamed.jpg"]
-    assert isinstance(declared, ViewReadError) and "Content-Length 200000" in declared.detail
-    assert isinstance(streamed, ViewReadError) and "body is over the limit" in streamed.detail
+    assert isinstance(declared, Reject) and "Content-Length 200000" in declared.detail
+    assert isinstance(streamed, Reject) and "body is over the limit" in streamed.detail
 
     hits = server.state.hits
     assert hits["/missing.jpg"] == 1  # 4xx is final
@@ -406,7 +407,7 @@ def test_fetch_outcomes(tmp_path: Path, server: Server) -> None:
     assert server.state.stream_aborted.wait(timeout=5)
     assert server.state.streamed_bytes < STREAM_TOTAL // 2
 
-    stats = crawler.last_fetch_stats
+    stats = crawler.fetch_stats
     assert stats is not None
     assert stats.requests == server.state.total_hits
     assert stats.retries == 1 + 1 + 2  # 503, 429, and the slow path twice
@@ -417,7 +418,7 @@ def test_fetch_outcomes(tmp_path: Path, server: Server) -> None:
 def test_too_many_redirects_by_count(tmp_path: Path, server: Server) -> None:
     crawler = _crawler(_manifest_of(tmp_path, ["hop/1"]), base_url=server.url + "/", max_redirects=1)
     (outcome,) = _fetch(crawler, _views(list(crawler.list_products()))).values()
-    assert isinstance(outcome, ViewReadError) and outcome.reason is RejectReason.TOO_MANY_REDIRECTS
+    assert isinstance(outcome, Reject) and outcome.reason is RejectReason.TOO_MANY_REDIRECTS
     assert server.state.hits["/img/a.jpg"] == 0
 
 
@@ -459,11 +460,11 @@ def test_private_addresses_are_blocked_without_a_request(tmp_path: Path, server:
     views = _views(list(crawler.list_products()))
     outcomes = _fetch(crawler, views)
     for url, got in outcomes.items():
-        assert isinstance(got, ViewReadError), url
+        assert isinstance(got, Reject), url
         assert got.reason is RejectReason.BLOCKED_ADDRESS, f"{url}: {got.reason} {got.detail}"
         assert url in got.detail
     assert server.state.total_hits == 0
-    assert crawler.last_fetch_stats is not None and crawler.last_fetch_stats.blocked == len(views)
+    assert crawler.fetch_stats.blocked == len(views)
 
 
 def test_listed_problems_are_not_fetched(tmp_path: Path, server: Server) -> None:
@@ -471,7 +472,7 @@ def test_listed_problems_are_not_fetched(tmp_path: Path, server: Server) -> None
     crawler = _crawler(path, base_url=server.url + "/")
     views = _views(list(crawler.list_products()))
     (got,) = _fetch(crawler, views).values()
-    assert isinstance(got, ViewReadError) and got.reason is RejectReason.BAD_URL
+    assert isinstance(got, Reject) and got.reason is RejectReason.BAD_URL
     assert server.state.total_hits == 0
 
 
@@ -479,7 +480,7 @@ def test_read_views_inside_a_running_event_loop(tmp_path: Path, server: Server) 
     crawler = _crawler(_manifest_of(tmp_path, ["img/a.jpg"]), base_url=server.url + "/")
     views = _views(list(crawler.list_products()))
 
-    async def caller() -> list[tuple[RawView, bytes | ViewReadError]]:
+    async def caller() -> list[tuple[RawView, bytes | Reject]]:
         return list(crawler.read_views(views))
 
     ((_, got),) = asyncio.run(caller())

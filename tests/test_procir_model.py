@@ -34,7 +34,7 @@ def _images(seed: int, sizes: list[tuple[int, int]]) -> list[Image.Image]:
 
 
 def test_rendered_prompts_match_reference_layout(encoder):
-    # The layouts of reference/procir-reference-code.md §3.4, rendered with the tiny model's stand-in template.
+    # The layouts of FashionMV's released ProCIR code, rendered with the tiny model's stand-in template.
     # Unverified against the real Qwen3.5 tokenizer and chat template, which are not reachable here.
     think = "<think>\n\n</think>\n\n"
     doc = f"<|im_start|>user\n{IMG}{IMG}<|im_end|>\n<|im_start|>assistant\n{think}<emb_all><|im_end|>\n"

@@ -290,10 +290,10 @@ def test_two_processes_gather_negatives_like_one_process(tiny_dir, train_set):
 def test_training_reads_a_builds_parquet_shards(stage3_build, tiny_dir, tmp_path):
     """The train split of a real build (Stage 3 with the vLLM server): triplets and captions from Parquet, kept views
     written once as files, per-view captions for SFT; then SFT and contrastive steps on it."""
+    from fashionmv_builder.core.build import TRIPLETS, Build
     from fashionmv_builder.procir.train_data import load_build_train
-    from fashionmv_builder.shards import ShardStore
 
-    triplets = ShardStore(stage3_build.output_dir, "triplets", "deepfashion").read_table("triplets").to_pylist()
+    triplets = Build(stage3_build.output_dir).rows(TRIPLETS, "deepfashion")
     train_rows = [t for t in triplets if t["split"] == "train"]
     data = load_build_train(stage3_build, tmp_path / "images")
     assert len(data.triplets) + sum(data.skipped.values()) == len(train_rows)

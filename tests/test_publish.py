@@ -21,14 +21,33 @@ from conftest import jpeg_bytes
 from hub_server import FakeHub, serve_hub
 from typer.testing import CliRunner
 
-from data_schema import tables as schema
 from fashionmv_builder.cli import app
-from fashionmv_builder.config import RunConfig, validate_config
-from fashionmv_builder.hub import upload
-from fashionmv_builder.hub.tables import Takedown
-from fashionmv_builder.hub.upload import LocalFile, RetryPolicy, UploadError, UploadPlan, plan_upload, retry_wait
-from fashionmv_builder.publish import PublishOptions, publish, remove
-from fashionmv_builder.shards import ShardStore
+from fashionmv_builder.core.build import (
+    CAPTIONS,
+    DEDUPE_PRODUCTS,
+    DEDUPE_VIEWS,
+    HARD_NEGATIVES,
+    INGEST_IMAGES,
+    INGEST_PRODUCTS,
+    SPLIT_PRODUCTS,
+    TRIPLETS,
+    VERDICTS,
+    Build,
+    TableRef,
+)
+from fashionmv_builder.core.config import RunConfig, validate_config
+from fashionmv_builder.outputs.hub import upload
+from fashionmv_builder.outputs.hub.tables import Takedown
+from fashionmv_builder.outputs.hub.upload import (
+    LocalFile,
+    RetryPolicy,
+    UploadError,
+    UploadPlan,
+    plan_upload,
+    retry_wait,
+)
+from fashionmv_builder.outputs.publish import PublishOptions, publish, remove
+from fashionmv_builder.pipeline import stage_class
 
 TOKEN = "hf_fixtureSECRET0123456789abcdef"
 FAST = RetryPolicy(attempts=3, backoff_s=0.01, max_wait_s=0.05)
@@ -45,19 +64,19 @@ def pid(n: int) -> str:
 # -- a tiny build --------------------------------------------------------------------------------------------------
 
 
-def _write(out: Path, stage: str, dataset: str, tables: dict[str, list[dict]], extra: dict | None = None) -> None:
-    store = ShardStore(str(out), stage, dataset)
-    arrow = {name: pa.Table.from_pylist(rows, schema=_schema(stage, name)) for name, rows in tables.items()}
+def _write(out: Path, dataset: str, tables: dict[TableRef, list[dict]], extra: dict | None = None) -> None:
+    """One shard of one stage (the tables' stage), each table with the schema its stage writes, and its stats."""
+    (stage,) = {ref.stage for ref in tables}
+    arrow = {
+        ref.table: pa.Table.from_pylist(rows, schema=stage_class(stage).writes[ref.table])
+        for ref, rows in tables.items()
+    }
     counts = {"products_in": N_PRODUCTS, "products_out": N_PRODUCTS, "tokens_in": 1000, "tokens_out": 100}
-    store.write(0, arrow, config_hash="fixture", input_fingerprint="fixture", counts=counts)
-    store.write_stats(extra)
-
-
-def _schema(stage: str, table: str) -> pa.Schema:
-    """The schema a stage writes a table with (some stages reuse a table name for another schema)."""
-    names = {("dedupe", "products"): "dedup_products", ("dedupe", "views"): "dedup_views"}
-    names[("candidates", "products")] = "split_products"
-    return schema.ALL[names.get((stage, table), table)]
+    build = Build(str(out))
+    build.write_shard(
+        stage, dataset, 0, arrow, config_hash="fixture", fingerprint="fixture", counts=counts, metadata={}
+    )
+    build.store(stage, dataset).write_stats(extra)
 
 
 def _split(n: int) -> str:
@@ -106,14 +125,14 @@ def _build_dataset(out: Path, dataset: str) -> None:
                     "licence": "owned",
                 }
             )
-    _write(out, "ingest", dataset, {"products": products, "images": images})
+    _write(out, dataset, {INGEST_PRODUCTS: products, INGEST_IMAGES: images})
     kept = [{k: r[k] for k in ("dataset", "product_id", "group_key", "split", "category", "n_views")} for r in products]
     views = [
         {k: r[k] for k in ("dataset", "product_id", "view_index", "file_name", "view", "width", "height")}
         for r in images
     ]
     dedup = [{**r, "cluster_id": r["product_id"], "cluster_size": 1} for r in kept]
-    _write(out, "dedupe", dataset, {"products": dedup, "views": views})
+    _write(out, dataset, {DEDUPE_PRODUCTS: dedup, DEDUPE_VIEWS: views})
     lmm = {"request_sha256": "0" * 64, "model": "tiny-vlm", "tokens_in": 10, "tokens_out": 5}
     captions = [
         {
@@ -130,16 +149,16 @@ def _build_dataset(out: Path, dataset: str) -> None:
         }
         for n in ids
     ]
-    _write(out, "caption", dataset, {"captions": captions}, {"server_seconds": 12.5})
+    _write(out, dataset, {CAPTIONS: captions}, {"server_seconds": 12.5})
     verdicts = [
         {"dataset": dataset, "product_id": pid(n), "verdict": "pass", "prompt_version": "verify.v1", **lmm} for n in ids
     ]
-    _write(out, "verify", dataset, {"verdicts": verdicts}, {"server_seconds": 7.0})
+    _write(out, dataset, {VERDICTS: verdicts}, {"server_seconds": 7.0})
     split_rows = [
         {"dataset": dataset, "product_id": pid(n), "split": _split(n), "group_key": pid(n), "cluster_id": pid(n)}
         for n in ids
     ]
-    _write(out, "candidates", dataset, {"products": split_rows})
+    _write(out, dataset, {SPLIT_PRODUCTS: split_rows})
     triplets, negatives = [], []
     for s, t in _triplet_pairs():
         others = [m for m in ids if _split(m) == _split(s) and m not in (s, t)][:2]
@@ -170,7 +189,7 @@ def _build_dataset(out: Path, dataset: str) -> None:
             }
             for m in others
         ]
-    _write(out, "triplets", dataset, {"triplets": triplets, "hard_negatives": negatives}, {"server_seconds": 30.0})
+    _write(out, dataset, {TRIPLETS: triplets, HARD_NEGATIVES: negatives}, {"server_seconds": 30.0})
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,11 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from fashionmv_builder.config import RunConfig, validate_config
-from fashionmv_builder.shards import ShardStore
-from fashionmv_builder.triplets import contact_sheets as cs
-from fashionmv_builder.triplets.report import build_report, count_rejects, histogram, to_markdown
-from fashionmv_builder.triplets.report_html import render_html
+from fashionmv_builder.core.build import DEDUPE_VIEWS, INGEST_IMAGES, TRIPLETS, Build
+from fashionmv_builder.core.config import RunConfig, validate_config
+from fashionmv_builder.outputs import contact_sheets as cs
+from fashionmv_builder.outputs.report import build_report, count_rejects, histogram, to_markdown
+from fashionmv_builder.outputs.report_html import STAGE_LABELS, render_html
 
 EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", re.IGNORECASE)
 FIGURE = re.compile(r'<div class="figure" data-figure="([^"]+)">(.*?)</div>', re.DOTALL)
@@ -40,15 +40,10 @@ def _config(tmp_path: Path) -> RunConfig:
 
 def _write(config: RunConfig, stage: str, tables: dict[str, list[dict]], counts: dict, **extra: object) -> None:
     """One marked shard of a stage (tables given as rows) and its stats.json, as a stage would leave them."""
-    store = ShardStore(config.output_dir, stage, "shop")
-    store.write(
-        0,
-        {name: pa.Table.from_pylist(rows) for name, rows in tables.items()},
-        config_hash="h",
-        input_fingerprint="f",
-        counts=counts,
-    )
-    store.write_stats(extra)
+    build = Build(config.output_dir)
+    arrow = {name: pa.Table.from_pylist(rows) for name, rows in tables.items()}
+    build.write_shard(stage, "shop", 0, arrow, config_hash="h", fingerprint="f", counts=counts, metadata={})
+    build.store(stage, "shop").write_stats(extra)
 
 
 def _png(colour: tuple[int, int, int], size: tuple[int, int] = (40, 50)) -> bytes:
@@ -176,7 +171,9 @@ def test_report_of_a_build_without_llm_stages_says_no_data(tmp_path):
     report = build_report(config)
     d = report["datasets"]["shop"]
     assert d["funnel"]["dedupe"] == {"in": 3, "out": 2, "rejects": {"product": {"too_few_views": 1}}}
-    assert d["funnel"]["verify"]["in"] is None and d["funnel"]["triplets"]["out"] is None
+    assert d["funnel"]["verify"]["in"] is None and d["funnel"]["select"]["out"] is None
+    assert list(d["funnel"]) == ["ingest", "dedupe", "caption", "verify", "embed", "candidates", "select"]
+    assert list(report["lmm_cost"]) == list(d["lmm_cost"]) == ["caption", "verify", "select"]
     assert d["views_per_product"] == {"2": 1, "3": 1}
     assert d["verifier"] == {"note": "no data"} and d["words_short"] == {} and d["caption_words"]["long"] == {}
     assert report["lmm_cost"]["caption"]["gpu_hours"] is None
@@ -197,9 +194,14 @@ def test_contact_sheets_join_kept_views_and_hard_negatives(tmp_path):
         for p, n in views.items()
         for v in range(n)
     ]
-    kept = [{"product_id": p, "view_index": v} for p, n in views.items() for v in range(n) if (p, v) != ("a", 2)]
-    _write(config, "ingest", {"images": images}, {})
-    _write(config, "dedupe", {"views": kept}, {})
+    kept = [
+        {"product_id": p, "view_index": v, "file_name": f"{v}.jpg"}
+        for p, n in views.items()
+        for v in range(n)
+        if (p, v) != ("a", 2)
+    ]
+    _write(config, INGEST_IMAGES.stage, {INGEST_IMAGES.table: images}, {})
+    _write(config, DEDUPE_VIEWS.stage, {DEDUPE_VIEWS.table: kept}, {})
     triplet = {
         "triplet_id": "shop:a->b",
         "split": "val",
@@ -213,7 +215,7 @@ def test_contact_sheets_join_kept_views_and_hard_negatives(tmp_path):
         {"triplet_id": "shop:a->b", "negative_id": "n2", "rank_shown": 1},
         {"triplet_id": "shop:a->b", "negative_id": "n1", "rank_shown": 0},
     ]
-    _write(config, "triplets", {"triplets": [triplet], "hard_negatives": negatives}, {})
+    _write(config, TRIPLETS.stage, {"triplets": [triplet], "hard_negatives": negatives}, {})
 
     thumbs = cs.load_thumbnails(config, "shop", {"a", "n1"}, 96)
     assert sorted(thumbs) == ["a", "n1"] and len(thumbs["a"]) == 2  # view 2 of a was not kept
@@ -245,8 +247,8 @@ def test_contact_sheets_join_kept_views_and_hard_negatives(tmp_path):
 
 @pytest.mark.slow
 def test_html_report_of_a_real_build(stage3_build, tmp_path):
-    from fashionmv_builder.triplets.report import write_report
-    from fashionmv_builder.triplets.report_html import write_html_report
+    from fashionmv_builder.outputs.report import write_report
+    from fashionmv_builder.outputs.report_html import write_html_report
 
     report = write_report(stage3_build, tmp_path)
     page_path = write_html_report(stage3_build, report, tmp_path, sheets=2, seed=0)
@@ -260,10 +262,11 @@ def test_html_report_of_a_real_build(stage3_build, tmp_path):
     for name, bodies in figures.items():
         assert all("<svg" in b for b in bodies), f"{name} has no plot"
 
+    build = Build(stage3_build.output_dir)
     for stage, numbers in report["datasets"]["deepfashion"]["funnel"].items():
-        stats = json.loads((Path(stage3_build.output_dir) / stage / "deepfashion" / "stats.json").read_text())
-        assert (numbers["in"], numbers["out"]) == (stats["counts"]["products_in"], stats["counts"]["products_out"])
-        label = {"candidates": "candidates (split)"}.get(stage, stage)
+        counts = build.counts(stage, "deepfashion")
+        assert (numbers["in"], numbers["out"]) == (counts["products_in"], counts["products_out"])
+        label = STAGE_LABELS.get(stage, stage)
         row = f'<tr><td>{label}</td><td class="n">{numbers["in"]}</td><td class="n">{numbers["out"]}</td></tr>'
         assert row in page, stage
 

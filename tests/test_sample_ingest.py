@@ -5,9 +5,9 @@ from collections import Counter
 
 import pytest
 
-from fashionmv_builder.config import validate_config
-from fashionmv_builder.ingest import run_ingest
-from fashionmv_builder.shards import ShardStore
+from fashionmv_builder.core.build import Build, TableRef
+from fashionmv_builder.core.config import validate_config
+from fashionmv_builder.pipeline import run_local
 
 pytestmark = pytest.mark.slow
 
@@ -56,13 +56,13 @@ def test_ingest_matches_ground_truth(layout, sample_catalogue, static_http_serve
             "http": {"allow_private_addresses": True},  # the test server is on localhost
         }
     )
-    reports = run_ingest(config)
+    reports = run_local(config, ["ingest"])["ingest"]
     counts: Counter[str] = Counter()
     rejects = []
     for report in reports:
-        assert "error" not in report.stats
+        assert report.error is None
         counts.update(report.stats["counts"])
-        rejects += ShardStore(config.output_dir, "ingest", report.dataset).read_table("rejects").to_pylist()
+        rejects += Build(config.output_dir).read(TableRef("ingest", "rejects"), report.dataset).to_pylist()
 
     expected = truth["expected_ingest"][layout]
     for key in ("products_in", "products_out", "views_in", "views_out"):

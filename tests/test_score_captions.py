@@ -1,6 +1,6 @@
 """The caption scorer must be right, whatever the model: perfect captions score 1, mirrored ones 0."""
 
-from fashionmv_builder.score_captions import score_product, summarise
+from fashionmv_builder.devtools.score_captions import score_product, summarise
 
 TRUTH = {
     "colour": "pink",

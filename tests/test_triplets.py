@@ -5,17 +5,26 @@ from collections import Counter
 
 import pytest
 
-from fashionmv_builder.config import RunConfig
+from fashionmv_builder.core.build import (
+    CANDIDATES,
+    DEDUPE_VIEWS,
+    HARD_NEGATIVES,
+    SPLIT_PRODUCTS,
+    TRIPLETS,
+    Build,
+    TableRef,
+    rejects,
+)
+from fashionmv_builder.core.config import RunConfig
+from fashionmv_builder.outputs.export import export_fashionmv
 from fashionmv_builder.procir.data import list_views, read_captions, read_triplets
-from fashionmv_builder.shards import ShardStore
-from fashionmv_builder.triplets.export import export_fashionmv
-from fashionmv_builder.triplets.split import split_of
+from fashionmv_builder.stages.split import split_of
 
 pytestmark = pytest.mark.slow
 
 
-def _table(config: RunConfig, stage: str, table: str) -> list[dict]:
-    return ShardStore(config.output_dir, stage, "deepfashion").read_table(table).to_pylist()
+def _table(config: RunConfig, ref: TableRef) -> list[dict]:
+    return Build(config.output_dir).rows(ref, "deepfashion")
 
 
 def test_split_is_by_group_and_stable():
@@ -27,13 +36,13 @@ def test_split_is_by_group_and_stable():
 
 
 def test_triplets_respect_splits_and_products(stage3_build):
-    products = _table(stage3_build, "candidates", "products")
+    products = _table(stage3_build, SPLIT_PRODUCTS)
     split = {p["product_id"]: p["split"] for p in products}
     groups: dict[str, set[str]] = {}
     for p in products:
         groups.setdefault(p["group_key"], set()).add(p["split"])
     assert all(len(s) == 1 for s in groups.values()), "a group was cut across splits"
-    triplets = _table(stage3_build, "triplets", "triplets")
+    triplets = _table(stage3_build, TRIPLETS)
     per_split = Counter(t["split"] for t in triplets)
     assert per_split["train"] >= 50 and per_split["val"] >= 50, per_split
     for t in triplets:
@@ -41,7 +50,7 @@ def test_triplets_respect_splits_and_products(stage3_build):
         assert t["source_id"] != t["target_id"]
         assert t["target_id"] in t["candidate_ids"]
         assert t["views_involved"] == sorted(set(t["views_involved"])) and len(t["views_involved"]) >= 2
-    negatives = _table(stage3_build, "triplets", "hard_negatives")
+    negatives = _table(stage3_build, HARD_NEGATIVES)
     target_of = {t["triplet_id"]: t["target_id"] for t in triplets}
     assert negatives and all(n["negative_id"] != target_of[n["triplet_id"]] for n in negatives)
     chosen = {(t["source_id"], t["target_id"]) for t in triplets}
@@ -49,19 +58,17 @@ def test_triplets_respect_splits_and_products(stage3_build):
 
 
 def test_counts_conserve(stage3_build):
-    for stage in ("candidates", "triplets"):
-        c = ShardStore(stage3_build.output_dir, stage, "deepfashion").read_stats()["counts"]
+    for stage in (CANDIDATES.stage, TRIPLETS.stage):
+        c = Build(stage3_build.output_dir).counts(stage, "deepfashion")
         assert c["products_in"] == c["products_out"] + c["products_rejected"], stage
-    sources = {t["source_id"] for t in _table(stage3_build, "triplets", "triplets")}
-    rejected = {r["product_id"] for r in _table(stage3_build, "triplets", "rejects")}
-    assert sources | rejected == {c["product_id"] for c in _table(stage3_build, "candidates", "candidates")}
+    sources = {t["source_id"] for t in _table(stage3_build, TRIPLETS)}
+    rejected = {r["product_id"] for r in _table(stage3_build, rejects(TRIPLETS.stage))}
+    assert sources | rejected == {c["product_id"] for c in _table(stage3_build, CANDIDATES)}
 
 
 def test_planted_siblings_are_mined(stage3_build, sample_catalogue):
     truth = json.loads((sample_catalogue / "ground_truth.json").read_text())
-    union = {
-        c["product_id"]: (c["split"], set(c["union_ids"])) for c in _table(stage3_build, "candidates", "candidates")
-    }
+    union = {c["product_id"]: (c["split"], set(c["union_ids"])) for c in _table(stage3_build, CANDIDATES)}
     found = total = 0
     for p in truth["products"]:
         if p["role"] != "sibling" or p["ids"].get("deepfashion") is None:
@@ -76,9 +83,9 @@ def test_planted_siblings_are_mined(stage3_build, sample_catalogue):
 
 def test_fashionmv_export_round_trips(stage3_build, tmp_path):
     counts = export_fashionmv(stage3_build, tmp_path)
-    triplets = _table(stage3_build, "triplets", "triplets")
+    triplets = _table(stage3_build, TRIPLETS)
     views = {}
-    for v in _table(stage3_build, "dedupe", "views"):
+    for v in _table(stage3_build, DEDUPE_VIEWS):
         views.setdefault(v["product_id"], []).append(v["file_name"])
     for split in ("train", "val"):
         ours = sorted(
@@ -102,12 +109,12 @@ def test_fashionmv_export_round_trips(stage3_build, tmp_path):
 
 
 def test_report_runs_on_the_build(stage3_build, tmp_path):
-    from fashionmv_builder.triplets.report import write_report
+    from fashionmv_builder.outputs.report import write_report
 
     report = write_report(stage3_build, tmp_path)
     d = report["datasets"]["deepfashion"]
     assert d["share_multi_view"] == 1.0  # the schema asks for at least two views
-    assert d["funnel"]["ingest"]["in"] >= d["funnel"]["triplets"]["in"] > 0
+    assert d["funnel"]["ingest"]["in"] >= d["funnel"]["select"]["in"] > 0
     m = d["modality_redundancy"]
     assert m["gallery"] < 200 and "not meaningful" in m["note"]
     assert set(m) >= {"text_only", "image_only", "composed"}

@@ -17,7 +17,7 @@ from typing import Any
 import fsspec
 from pydantic import BaseModel, ValidationError
 
-from fashionmv_builder.config import digest
+from fashionmv_builder.core.config import digest
 from fashionmv_builder.lmm.client import LmmClient, LmmRequest
 
 

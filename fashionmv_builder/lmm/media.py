@@ -12,12 +12,12 @@ import base64
 import hashlib
 import io
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
+
+from fashionmv_builder.core.files import atomic_write
 
 
 @dataclass(frozen=True)
@@ -39,12 +39,9 @@ class MediaCache:
             return PreparedImage(digest, "data:image/jpeg;base64," + base64.b64encode(resized).decode())
         path = self.folder / digest[:2] / f"{digest}.jpg"
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # A temporary file of its own per writer: shards in threads or processes may prepare the same image at
-            # once. The rename is atomic, so the server never reads a half-written image.
-            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-                tmp.write(resized)
-            os.replace(tmp.name, path)
+            # Shards in threads or processes may prepare the same image at once: each writes a temporary file of its
+            # own and renames it, so the server never reads a half-written image.
+            atomic_write(path, resized)
         return PreparedImage(digest, path.resolve().as_uri())
 
     def _resize(self, data: bytes) -> bytes:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import fsspec
 
-from fashionmv_builder.config import ConfigError, RunConfig
+from fashionmv_builder.core.build import Build
+from fashionmv_builder.core.config import ConfigError, RunConfig
 from fashionmv_builder.lmm.server import ServerSpec, VllmServer
 
 
@@ -33,7 +35,7 @@ def server_for(config: RunConfig) -> VllmServer:
         env=serve.env,
     )
     out.mkdir(parents=True, exist_ok=True)
-    return VllmServer(spec, out / "_lmm_server")
+    return VllmServer(spec, Build(config.output_dir).local_folder("_lmm_server"))
 
 
 @contextmanager
@@ -51,3 +53,17 @@ def lmm_endpoints(config: RunConfig, keep_running: bool = False) -> Iterator[lis
     finally:
         if not keep_running:
             server.stop()
+
+
+def check_endpoints(config: RunConfig, endpoints: list[str]) -> None:
+    """Fail early, with what to do, when a server is down or serves another model (LmmUnreachable)."""
+    from fashionmv_builder.lmm.harness import lmm_client
+
+    async def check() -> None:
+        client = lmm_client(config, endpoints)
+        try:
+            await client.check()
+        finally:
+            await client.close()
+
+    asyncio.run(check())

@@ -1,6 +1,6 @@
 """FashionMV's released files: the JSONL records and the `images/<dataset>/<product_id>/` folders.
 
-Record fields follow reference/procir-reference-code.md §1: ids may be JSON ints or strings and are always used as
+Record fields follow FashionMV's released ProCIR code: ids may be JSON ints or strings and are always used as
 strings; unknown keys are ignored; `modification_text_long` and `views_involved` are optional (val has neither).
 Views are listed exactly as the reference does (§2), because the first five by plain string sort are what it encodes.
 """

@@ -1,4 +1,4 @@
-"""`fashionmv evaluate`: FashionMV's evaluation protocol (reference/procir-reference-code.md §5), batched.
+"""`fashionmv evaluate`: FashionMV's evaluation protocol , batched as FashionMV's released ProCIR code does.
 
 1. Gallery: every distinct source and target id of the selected datasets' val triplets whose folder has an image,
    keyed by (dataset, id), sorted, each encoded with the document prompt.

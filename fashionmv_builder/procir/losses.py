@@ -1,4 +1,4 @@
-"""ProCIR's contrastive objective (reference/fashionmv-paper.md §6.3).
+"""ProCIR's contrastive objective (FashionMV, arXiv 2604.10297).
 
 SymInfoNCE(x, y) = ½[InfoNCE(x→y) + InfoNCE(y→x)] on L2-normalised rows at temperature τ, where row i of x and row i
 of y are the positive pair and every other row of the (gathered) batch is a negative. Two rows that stand for the

@@ -1,6 +1,6 @@
 """The ProCIR embedding model: a Qwen3.5 vision-language backbone pooled at the `<emb_all>` token.
 
-Follows reference/procir-reference-code.md §3–4. Only the backbone (`vlm.model`) runs; the embedding is its
+Follows FashionMV's released ProCIR code. Only the backbone (`vlm.model`) runs; the embedding is its
 last-layer hidden state at `<emb_all>`, with no head and no normalisation (scoring normalises). Prompts have no system
 turn and no instruction:
 

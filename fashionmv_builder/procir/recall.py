@@ -1,4 +1,4 @@
-"""Recall@K exactly as FashionMV's `evaluate.py` scores it (reference/procir-reference-code.md §5).
+"""Recall@K exactly as FashionMV's `evaluate.py` scores it.
 
 Per dataset, the gallery is every val source and target of that dataset that has images, keyed by `(dataset, id)`
 and sorted. The source product stays in the gallery and in the ranking. Scores are cosine similarities of

@@ -1,4 +1,4 @@
-"""The optional SFT stage before contrastive training (reference/fashionmv-paper.md §6.5): knowledge injection by
+"""The optional SFT stage before contrastive training (FashionMV, arXiv 2604.10297): knowledge injection by
 next-token cross-entropy on assistant tokens only, over two tasks built from the train split.
 
 1. Caption generation, one turn: the product's views -> `<think>`per-view captions`</think>` then a JSON object with

@@ -1,4 +1,4 @@
-"""`fashionmv train`: ProCIR's contrastive training, with the paper's switches (reference/fashionmv-paper.md §6).
+"""`fashionmv train`: ProCIR's contrastive training, with the switches of the FashionMV paper (arXiv 2604.10297).
 
 - MT: two-turn queries (s at the first `<emb_all>`, q at the last) instead of single-turn ones.
 - Align: caption alignment by a text-only pass, L_doc = SymInfoNCE(d, t_target) and, with MT,
@@ -36,6 +36,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import BatchFeature, Qwen3VLProcessor
 
+from fashionmv_builder.core.files import atomic_write
 from fashionmv_builder.procir.data import load_views
 from fashionmv_builder.procir.evaluate import prepared, process_rank
 from fashionmv_builder.procir.losses import LAMBDA_DOC, LAMBDA_SRC, TAU, StepEmbeddings, procir_loss
@@ -239,9 +240,7 @@ def save_checkpoint(out_dir: Path, state: dict) -> None:
     """Rank 0 writes the checkpoint whole or not at all (temporary file, then an atomic rename)."""
     if process_rank()[0] != 0:
         return
-    tmp = out_dir / f"{CHECKPOINT_FILE}.tmp"
-    torch.save(state, tmp)
-    tmp.replace(out_dir / CHECKPOINT_FILE)
+    atomic_write(out_dir / CHECKPOINT_FILE, lambda f: torch.save(state, f))
 
 
 def optimise(

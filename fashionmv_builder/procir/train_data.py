@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fashionmv_builder.config import RunConfig
+from fashionmv_builder.core.build import CAPTIONS, TRIPLETS, Build
+from fashionmv_builder.core.config import RunConfig
+from fashionmv_builder.outputs.export import write_product_images
 from fashionmv_builder.procir.data import Caption, Triplet, list_views, read_captions, read_triplets
 from fashionmv_builder.procir.recall import ProductKey
-from fashionmv_builder.shards import ShardStore
-from fashionmv_builder.triplets.export import write_product_images
 
 log = logging.getLogger("fashionmv")
 
@@ -77,9 +77,10 @@ def load_build_train(config: RunConfig, image_root: Path, split: str = "train") 
     triplets: list[Triplet] = []
     captions: dict[ProductKey, Caption] = {}
     view_captions: dict[ProductKey, list[str]] = {}
+    build = Build(config.output_dir)
     for source in config.sources:
         dataset = source.dataset
-        rows = ShardStore(config.output_dir, "triplets", dataset).read_table("triplets").to_pylist()
+        rows = build.rows(TRIPLETS, dataset)
         rows = sorted((r for r in rows if r["split"] == split), key=lambda r: r["triplet_id"])
         for r in rows:
             triplets.append(
@@ -94,7 +95,7 @@ def load_build_train(config: RunConfig, image_root: Path, split: str = "train") 
                 )
             )
         involved = {pid for r in rows for pid in (r["source_id"], r["target_id"])}
-        for c in ShardStore(config.output_dir, "caption", dataset).read_table("captions").to_pylist():
+        for c in build.rows(CAPTIONS, dataset):
             if c["product_id"] in involved:
                 key = (dataset, c["product_id"])
                 captions[key] = Caption(dataset, c["product_id"], c["short_caption"], c["long_caption"])

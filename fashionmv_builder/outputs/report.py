@@ -1,0 +1,292 @@
+"""`fashionmv report`: what a build produced and how good it looks, as JSON and Markdown (HTML: report_html.py).
+
+The funnel of products through every stage with each stage's reject reasons, views per product, caption and
+modification-text length histograms, counts per split and dataset, triplets per source, the `views_involved`
+distribution and the share of triplets that span at least two views (FashionMV: 99.83%), the verifier's removal rate,
+tokens and GPU-hours per LMM stage, and a modality-redundancy check on the val split: R@1/5/10 of text-only
+(modification text against the gallery's short captions), image-only (source against gallery images) and composed
+(image and text cosines averaged) retrieval with the baseline embedders, computed by the ProCIR evaluator's recall
+code. A good CIR set needs both modalities: if text-only or image-only already retrieves the target, the modification
+text or the source is redundant.
+
+Missing data never fails the report: a stage without stats has `None` counts, a distribution without data is empty.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from fashionmv_builder.core.build import (
+    CAPTIONS,
+    DEDUPE_PRODUCTS,
+    EMBEDDINGS,
+    HARD_NEGATIVES,
+    SPLIT_PRODUCTS,
+    TRIPLETS,
+    VERDICTS,
+    Build,
+    TableRef,
+    rejects,
+)
+from fashionmv_builder.core.config import RunConfig
+from fashionmv_builder.core.stage import Work
+from fashionmv_builder.pipeline import PIPELINE
+from fashionmv_builder.procir.recall import l2_normalise, recall_at_k
+from fashionmv_builder.stages.embed import encode_texts
+
+MEANINGFUL_GALLERY = 200
+LMM_STAGES = tuple(cls.name for cls in PIPELINE if cls.work is Work.LMM)
+# Every stage a product passes, in pipeline order (candidates is where the train/val split happens).
+FUNNEL_STAGES = tuple(cls.name for cls in PIPELINE)
+MAX_BINS = 30
+
+
+def histogram(values: list[int], max_bins: int = MAX_BINS) -> dict:
+    """Integer-width bins over whole numbers: bin i counts edges[i] <= v < edges[i + 1] (no bin is ever empty of
+    meaning: the width is the smallest integer that fits the range into `max_bins`)."""
+    if not values:
+        return {"edges": [], "counts": []}
+    low, high = min(values), max(values)
+    width = max(1, math.ceil((high - low + 1) / max_bins))
+    counts = [0] * ((high - low) // width + 1)
+    for v in values:
+        counts[(v - low) // width] += 1
+    return {"edges": [low + i * width for i in range(len(counts) + 1)], "counts": counts}
+
+
+def _words(texts: list[str]) -> dict:
+    """Word-count summary and histogram; empty when there are no texts."""
+    lengths = [len(t.split()) for t in texts if t is not None]
+    if not lengths:
+        return {}
+    return {
+        "mean": round(statistics.mean(lengths), 1),
+        "median": statistics.median(lengths),
+        "max": max(lengths),
+        "histogram": histogram(lengths),
+    }
+
+
+def count_rejects(rows: list[dict]) -> dict[str, dict[str, int]]:
+    """Reject rows counted per level (product or view) and reason, most frequent first."""
+    by_level: dict[str, Counter[str]] = {}
+    for r in rows:
+        by_level.setdefault(r.get("level") or "product", Counter())[r.get("reason") or "unknown"] += 1
+    return {level: dict(c.most_common()) for level, c in sorted(by_level.items())}
+
+
+def _count(values: list) -> dict[str, int]:
+    """A distribution with string keys in numeric order (so it survives a JSON round trip unchanged)."""
+    return {str(k): n for k, n in sorted(Counter(values).items())}
+
+
+def _columns(build: Build, ref: TableRef, dataset: str, columns: list[str]) -> list[dict]:
+    """Rows of only these columns; none when the table or a column is missing (a stage that never wrote it)."""
+    try:
+        return build.rows(ref, dataset, columns)
+    except (pa.ArrowInvalid, KeyError):
+        return []
+
+
+def _funnel(build: Build, dataset: str) -> dict:
+    funnel = {}
+    for stage in FUNNEL_STAGES:
+        stats = build.stats(stage, dataset)
+        counts = (stats or {}).get("counts", {})
+        rows = _columns(build, rejects(stage), dataset, ["level", "reason"]) if stats else []
+        funnel[stage] = {
+            "in": counts.get("products_in") if stats else None,
+            "out": counts.get("products_out") if stats else None,
+            "rejects": count_rejects(rows),
+        }
+    return funnel
+
+
+def _verifier(config: RunConfig, build: Build, dataset: str) -> dict:
+    """Share of products the verifier judged hallucinated; with `verify.remove: false` they were only recorded."""
+    counts = build.counts(VERDICTS.stage, dataset)
+    products = counts.get("products_in", 0)
+    if not products:
+        return {"note": "no data"}
+    removed = counts.get("verdicts_remove", 0)
+    result: dict = {"products_in": products, "verdicts_remove": removed, "removal_rate": round(removed / products, 4)}
+    result["removes"] = config.verify.remove
+    if not config.verify.remove:
+        result["note"] = "verify.remove is false: these products were only recorded, not removed"
+    return result
+
+
+def _lmm_cost(config: RunConfig, build: Build) -> dict:
+    """Tokens summed over datasets; GPU-hours per stage. Every dataset of a stage runs on the same server at the
+    same time, so a stage's server-seconds are the largest of its datasets', not their sum."""
+    cost = {}
+    for stage in LMM_STAGES:
+        tokens_in = tokens_out = 0
+        seconds = None
+        for source in config.sources:
+            stats = build.stats(stage, source.dataset) or {}
+            tokens_in += stats.get("counts", {}).get("tokens_in", 0)
+            tokens_out += stats.get("counts", {}).get("tokens_out", 0)
+            if stats.get("server_seconds") is not None:
+                seconds = max(seconds or 0.0, stats["server_seconds"])
+        cost[stage] = {
+            "tokens_in": tokens_in,
+            "tokens_out": tokens_out,
+            "server_seconds": seconds,
+            "gpu_hours": round(seconds / 3600, 4) if seconds is not None else None,
+        }
+    return cost
+
+
+def _redundancy(config: RunConfig, build: Build, dataset: str, triplets: list[dict]) -> dict:
+    """Recall of text-only, image-only and composed retrieval on the val split of one dataset."""
+    val = [t for t in triplets if t["split"] == "val"]
+    if not val:
+        return {"note": "no val triplets"}
+    gallery = sorted({pid for t in val for pid in (t["source_id"], t["target_id"])})
+    position = {pid: i for i, pid in enumerate(gallery)}
+    embeddings = {r["product_id"]: r for r in build.rows(EMBEDDINGS, dataset)}
+    if any(p not in embeddings for p in gallery):
+        return {"note": "no embeddings for some val products (candidates stage missing or stale)"}
+    image = l2_normalise(np.asarray([embeddings[p]["image"] for p in gallery], dtype=np.float32))
+    caption = l2_normalise(np.asarray([embeddings[p]["short_caption"] for p in gallery], dtype=np.float32))
+    text = encode_texts([t["modification_text_short"] for t in val], config.triplets.text_model)
+    source_image = image[[position[t["source_id"]] for t in val]]
+    targets = np.asarray([position[t["target_id"]] for t in val])
+    runs = {
+        "text_only": (text, caption),
+        "image_only": (source_image, image),
+        # The two unit vectors side by side: the cosine is the mean of the image and the text cosines (the
+        # embedders' dimensions differ, so they cannot be summed).
+        "composed": (np.hstack([source_image, text]), np.hstack([image, caption])),
+    }
+    result: dict = {"gallery": len(gallery), "queries": len(val)}
+    for name, (queries, items) in runs.items():
+        result[name] = {f"R@{k}": round(v, 2) for k, v in recall_at_k(queries, items, targets).items()}
+    if len(gallery) < MEANINGFUL_GALLERY:
+        result["note"] = (
+            f"gallery of {len(gallery)} products (< {MEANINGFUL_GALLERY}): these figures are not meaningful"
+        )
+    return result
+
+
+def build_report(config: RunConfig) -> dict:
+    build = Build(config.output_dir)
+    report: dict = {
+        "output_dir": config.output_dir,
+        "config_hash": config.config_hash(),
+        "lmm_cost": _lmm_cost(config, build),
+        "datasets": {},
+    }
+    for source in config.sources:
+        dataset = source.dataset
+        triplets = build.rows(TRIPLETS, dataset)
+        products = build.rows(SPLIT_PRODUCTS, dataset)
+        kept = _columns(build, DEDUPE_PRODUCTS, dataset, ["n_views"])
+        captions = _columns(build, CAPTIONS, dataset, ["long_caption", "short_caption"])
+        funnel = _funnel(build, dataset)
+        if all(f["in"] is None for f in funnel.values()):
+            continue  # nothing of this dataset was built yet
+        views = Counter("+".join(t["views_involved"]) for t in triplets)
+        sources = Counter(t["source_id"] for t in triplets)
+        entry = {
+            "products": dict(Counter(p["split"] for p in products)),
+            "triplets": dict(Counter(t["split"] for t in triplets)),
+            "triplets_per_source": round(len(triplets) / len(sources), 2) if sources else 0,
+            "views_per_product": _count([p["n_views"] for p in kept]),
+            "views_involved": dict(views.most_common()),
+            "views_involved_count": _count([len(t["views_involved"]) for t in triplets]),
+            "share_multi_view": round(sum(len(t["views_involved"]) >= 2 for t in triplets) / len(triplets), 4)
+            if triplets
+            else None,
+            "words_short": _words([t["modification_text_short"] for t in triplets]),
+            "words_long": _words([t["modification_text_long"] for t in triplets]),
+            "caption_words": {name: _words([c[f"{name}_caption"] for c in captions]) for name in ("long", "short")},
+            "hard_negatives": build.read(HARD_NEGATIVES, dataset).num_rows,
+            "verifier": _verifier(config, build, dataset),
+            "lmm_cost": {},
+            "funnel": funnel,
+        }
+        for stage in LMM_STAGES:
+            stats = build.stats(stage, dataset) or {}
+            counts = stats.get("counts", {})
+            entry["lmm_cost"][stage] = {
+                "tokens_in": counts.get("tokens_in", 0),
+                "tokens_out": counts.get("tokens_out", 0),
+                "server_seconds": stats.get("server_seconds"),
+            }
+        entry["modality_redundancy"] = _redundancy(config, build, dataset, triplets)
+        report["datasets"][dataset] = entry
+    return report
+
+
+def _summary(words: dict) -> str:
+    return f"mean {words['mean']}, median {words['median']}, max {words['max']}" if words else "no data"
+
+
+def to_markdown(report: dict) -> str:
+    lines = [f"# Build report: {report['output_dir']}", "", f"config hash `{report['config_hash'][:12]}`", ""]
+    for dataset, d in report["datasets"].items():
+        lines += [f"## {dataset}", ""]
+        lines += ["| stage | products in | out | rejects |", "|---|---:|---:|---|"]
+        for stage, f in d["funnel"].items():
+            rejects = ", ".join(f"{r} ({lvl}) {n}" for lvl, c in f["rejects"].items() for r, n in c.items())
+            lines.append(f"| {stage} | {_cell(f['in'])} | {_cell(f['out'])} | {rejects} |")
+        lines += ["", f"- products per split: {d['products']}; triplets per split: {d['triplets']}"]
+        lines += [f"- triplets per source: {d['triplets_per_source']}; hard negatives: {d['hard_negatives']}"]
+        lines += [f"- share of triplets spanning >= 2 views: {d['share_multi_view']} (FashionMV: 0.9983)"]
+        lines += [f"- words, short text: {_summary(d['words_short'])}; long text: {_summary(d['words_long'])}"]
+        captions = d["caption_words"]
+        lines += [f"- caption words, long: {_summary(captions['long'])}; short: {_summary(captions['short'])}"]
+        lines += [f"- views per product: {d['views_per_product']}"]
+        v = d["verifier"]
+        if "removal_rate" in v:
+            lines += [
+                f"- verifier: {v['verdicts_remove']} of {v['products_in']} judged hallucinated ({v['removal_rate']})"
+            ]
+        if v.get("note"):
+            lines += [f"- verifier: {v['note']}"]
+        lines += [f"- views_involved: {d['views_involved']}", "", "| LMM stage | tokens in | tokens out | server-s |"]
+        lines += ["|---|---:|---:|---:|"]
+        lines += [
+            f"| {s} | {c['tokens_in']} | {c['tokens_out']} | {c['server_seconds']} |" for s, c in d["lmm_cost"].items()
+        ]
+        m = d["modality_redundancy"]
+        lines += ["", f"Modality redundancy on val (gallery {m.get('gallery')}, queries {m.get('queries')}):", ""]
+        if "text_only" in m:
+            lines += ["| retrieval | R@1 | R@5 | R@10 |", "|---|---:|---:|---:|"]
+            for name in ("text_only", "image_only", "composed"):
+                r = m[name]
+                lines.append(f"| {name} | {r['R@1']} | {r['R@5']} | {r['R@10']} |")
+        if "note" in m:
+            lines += ["", f"**{m['note']}**"]
+        lines.append("")
+    lines += [
+        "## LMM cost of the build",
+        "",
+        "| LMM stage | tokens in | tokens out | GPU-hours |",
+        "|---|---:|---:|---:|",
+    ]
+    for stage, c in report.get("lmm_cost", {}).items():
+        lines.append(f"| {stage} | {c['tokens_in']} | {c['tokens_out']} | {_cell(c['gpu_hours'])} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _cell(value: object) -> str:
+    return "no data" if value is None else str(value)
+
+
+def write_report(config: RunConfig, out: Path) -> dict:
+    report = build_report(config)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "report.md").write_text(to_markdown(report))
+    return report

@@ -1,0 +1,161 @@
+"""Split the verified products, embed them, and mine candidate targets for every source, inside each split.
+
+In: the `embed` stage's vectors of the products that passed Stage 2, their dedupe rows (group key, cluster) and
+captions (category, gender), all of a dataset at once. Out, per shard: `products` (every product with its split:
+the galleries), `candidates` (each source's candidates in the order they will be shown) and `rejects` (a source
+with no candidate at all: `no_candidates`).
+
+Mining follows FashionMV: three retrieval paths (image, long caption, short caption), exact inner-product search per
+path with faiss, top-k each, union, minus the source itself and its dedupe cluster (optionally restricted to the
+same category and gender), then a seeded random sample of the shown candidates. Everything happens inside one split,
+so no triplet can cross splits.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import faiss
+import numpy as np
+import pyarrow as pa
+
+from fashionmv_builder.core.build import CANDIDATES, CAPTIONS, DEDUPE_PRODUCTS, EMBEDDINGS, SPLIT_PRODUCTS, Build
+from fashionmv_builder.core.config import RunConfig
+from fashionmv_builder.core.ledger import Reject
+from fashionmv_builder.core.stage import ShardOutput, ShardTask, Stage, Work
+from fashionmv_builder.data_schema import tables
+from fashionmv_builder.data_schema.reasons import RejectReason
+from fashionmv_builder.stages.split import split_of
+
+
+@dataclass
+class Pool:
+    """Every product of one dataset that reached Stage 3, with what mining needs."""
+
+    rows: list[dict]  # product_id, split, group_key, cluster_id, category, gender, shard
+    image: np.ndarray
+    long: np.ndarray
+    short: np.ndarray
+
+
+def load_pool(build: Build, config: RunConfig, dataset: str) -> Pool:
+    t = config.triplets
+    dedupe = {r["product_id"]: r for r in build.rows(DEDUPE_PRODUCTS, dataset)}
+    captions = {r["product_id"]: r for r in build.rows(CAPTIONS, dataset, ["product_id", "category", "gender"])}
+    rows, image, long, short = [], [], [], []
+    for marker in build.markers(EMBEDDINGS, dataset):
+        for e in build.read_shard(EMBEDDINGS, dataset, marker.shard).to_pylist():
+            d = dedupe[e["product_id"]]
+            rows.append(
+                {
+                    "product_id": e["product_id"],
+                    "split": split_of(d["group_key"], d["split"], t.val_ratio, t.seed),
+                    "group_key": d["group_key"],
+                    "cluster_id": d["cluster_id"],
+                    "category": captions[e["product_id"]]["category"],
+                    "gender": captions[e["product_id"]]["gender"],
+                    "shard": marker.shard,
+                }
+            )
+            image.append(e["image"])
+            long.append(e["long_caption"])
+            short.append(e["short_caption"])
+
+    def as_array(vectors: list) -> np.ndarray:
+        return np.asarray(vectors, dtype=np.float32).reshape(len(rows), -1)
+
+    return Pool(rows, as_array(image), as_array(long), as_array(short))
+
+
+def mine(pool: Pool, split: str, config: RunConfig) -> dict[str, tuple[list[str], list[str]]]:
+    """Each source of the split → (shown candidates in shown order, the union they were sampled from)."""
+    t = config.triplets
+    members = [i for i, r in enumerate(pool.rows) if r["split"] == split]
+    if len(members) < 2:
+        return {pool.rows[i]["product_id"]: ([], []) for i in members}
+    k = min(t.top_k + 1, len(members))  # +1: the source finds itself
+    neighbours = []
+    for vectors in (pool.image, pool.long, pool.short):
+        sub = np.ascontiguousarray(vectors[members])
+        index = faiss.IndexFlatIP(sub.shape[1])
+        index.add(sub)
+        neighbours.append(index.search(sub, k)[1])
+    result = {}
+    for row_pos, i in enumerate(members):
+        source = pool.rows[i]
+        union: list[str] = []
+        for found in neighbours:
+            for j in found[row_pos]:
+                other = pool.rows[members[j]]
+                if other["product_id"] == source["product_id"] or other["cluster_id"] == source["cluster_id"]:
+                    continue
+                if t.same_category and other["category"] != source["category"]:
+                    continue
+                if t.same_gender and other["gender"] != source["gender"]:
+                    continue
+                if other["product_id"] not in union:
+                    union.append(other["product_id"])
+        # One RNG per source, seeded by the run seed and the source id: the sample does not depend on shard order.
+        rng = random.Random(f"{t.seed}:{source['product_id']}")
+        shown = rng.sample(union, min(t.candidates_shown, len(union)))
+        result[source["product_id"]] = (shown, union)
+    return result
+
+
+class CandidatesStage(Stage):
+    """Stage 3: split train/val by group, mine each source's candidates inside its split (three paths)."""
+
+    name = CANDIDATES.stage
+    version = "2"  # 2: candidates carry the whole union
+    work = Work.DATASET
+    # Mining looks at whole splits: every shard reads every embedding of the dataset.
+    reads = (EMBEDDINGS.every_shard(), DEDUPE_PRODUCTS.every_shard(), CAPTIONS.every_shard())
+    writes: ClassVar[dict] = {SPLIT_PRODUCTS.table: tables.SPLIT_PRODUCTS, CANDIDATES.table: tables.CANDIDATES}
+
+    def settings(self, dataset: str) -> dict:
+        return {"triplets": self.config.triplets.model_dump(mode="json")}
+
+    def prepare(self, dataset: str, todo: list[ShardTask]) -> tuple[list[ShardTask], dict]:
+        pool = load_pool(self.build, self.config, dataset)
+        mined = {}
+        for split in ("train", "val"):
+            mined.update(mine(pool, split, self.config))
+        payloads: dict[int, list[tuple[dict, tuple[list[str], list[str]]]]] = {t.shard: [] for t in todo}
+        for r in pool.rows:
+            if r["shard"] in payloads:
+                payloads[r["shard"]].append((r, mined[r["product_id"]]))
+        return [replace(t, payload=payloads[t.shard]) for t in todo], {}
+
+    def run_shard(self, task: ShardTask) -> ShardOutput:
+        ledger = self.ledger(task.dataset)
+        products, candidates = [], []
+        for r, (shown, union) in task.payload:
+            ledger.take(0)
+            products.append({k: v for k, v in r.items() if k != "shard"} | {"dataset": task.dataset})
+            ledger.counts[f"products_{r['split']}"] += 1
+            if not shown:
+                detail = f"no candidate in its split ({r['split']}) after excluding itself and its cluster"
+                ledger.reject_product(Reject(RejectReason.NO_CANDIDATES, detail), r["product_id"], views_left=0)
+                continue
+            if len(shown) < self.config.triplets.candidates_shown:
+                ledger.counts["sources_with_fewer_candidates"] += 1
+            ledger.keep(0)
+            candidates.append(
+                {
+                    "dataset": task.dataset,
+                    "product_id": r["product_id"],
+                    "split": r["split"],
+                    "candidate_ids": shown,
+                    "union_ids": union,
+                    "union_size": len(union),
+                }
+            )
+        return ShardOutput(
+            {
+                SPLIT_PRODUCTS.table: pa.Table.from_pylist(products, schema=tables.SPLIT_PRODUCTS),
+                CANDIDATES.table: pa.Table.from_pylist(candidates, schema=tables.CANDIDATES),
+            },
+            ledger,
+        )

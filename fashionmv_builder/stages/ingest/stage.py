@@ -1,0 +1,164 @@
+"""Ingest: crawl a source, decode + validate + hash every view once, write product and image shards.
+
+In: the products a crawler lists (a folder tree, an h5 file, a manifest of URLs). Out, per shard: `products`,
+`images` (bytes stored here and nowhere else) and `rejects`. A product survives ingest if it has a safe id and at
+least one readable view; view-count rules and duplicates are the dedupe stage's job. A shard reruns when the
+listing of its products changes (ids, file names, sizes and times, manifest rows) or the ingest settings do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from itertools import islice
+from typing import ClassVar
+
+import pyarrow as pa
+
+from fashionmv_builder.core.build import INGEST_IMAGES, INGEST_PRODUCTS
+from fashionmv_builder.core.config import RunConfig, digest
+from fashionmv_builder.core.ledger import Reject, Rejected, ShardLedger
+from fashionmv_builder.core.stage import DatasetPlan, ShardOutput, ShardTask, Stage, Work
+from fashionmv_builder.data_schema import tables
+from fashionmv_builder.data_schema.reasons import RejectReason
+from fashionmv_builder.stages.ingest.images import check_image
+from fashionmv_builder.stages.ingest.sources import make_source
+from fashionmv_builder.stages.ingest.sources.base import RawProduct, RawView
+
+
+def _problem(reject: Reject | None) -> list | None:
+    return [reject.reason.value, reject.detail] if reject else None
+
+
+def listing_fingerprint(products: tuple[RawProduct, ...]) -> str:
+    """What a shard's output depends on in the source: the listed products and views, with their change stamps."""
+    return digest(
+        [
+            [
+                p.product_id,
+                _problem(p.problem),
+                p.split,
+                p.category,
+                [[v.file_name, v.locator, v.stamp, _problem(v.problem)] for v in p.views],
+            ]
+            for p in products
+        ]
+    )
+
+
+def _chunks(items: Iterator[RawProduct], size: int) -> Iterator[tuple[RawProduct, ...]]:
+    while chunk := tuple(islice(items, size)):
+        yield chunk
+
+
+class IngestStage(Stage):
+    """Crawl the sources, validate and hash every image once, write product and image shards."""
+
+    name = INGEST_PRODUCTS.stage
+    version = "1"
+    work = Work.SHARD
+    reads = ()  # the sources, not the build
+    writes: ClassVar[dict] = {INGEST_PRODUCTS.table: tables.PRODUCTS, INGEST_IMAGES.table: tables.IMAGES}
+
+    def settings(self, dataset: str) -> dict:
+        """The source's own section is part of it: changing one source redoes only its shards."""
+        return {
+            "source": self.config.source(dataset).model_dump(mode="json"),
+            "ingest": self.config.ingest.model_dump(mode="json"),
+            "allow_private_addresses": self.config.http.allow_private_addresses,
+            "max_redirects": self.config.http.max_redirects,
+        }
+
+    def plan(self, dataset: str) -> DatasetPlan:
+        """Every shard of one source: sorted product order, `shard_size` products each."""
+        crawler = make_source(self.config.source(dataset), self.config)
+        try:
+            listed = _chunks(iter(crawler.list_products()), self.config.shard_size)
+            tasks = [ShardTask(dataset, i, listing_fingerprint(chunk), chunk) for i, chunk in enumerate(listed)]
+        except (OSError, KeyError, ValueError) as err:  # a missing root, an h5 without its datasets…
+            return DatasetPlan(dataset, [], [], error=f"cannot list the source: {err}")
+        return DatasetPlan(dataset, tasks, self.pending(tasks), {"listing": dict(crawler.listing_counts)})
+
+    def run_shard(self, task: ShardTask) -> ShardOutput:
+        source = self.config.source(task.dataset)
+        crawler = make_source(source, self.config)
+        ledger = self.ledger(task.dataset)
+        raw: tuple[RawProduct, ...] = task.payload
+        to_read = [v for p in raw if p.problem is None for v in p.views if v.problem is None]
+        fetched: dict[RawView, bytes | Reject] = dict(crawler.read_views(to_read))
+        products, images = [], []
+        for product in raw:
+            ledger.take(len(product.views))
+            if product.problem is not None:
+                ledger.reject_product(
+                    product.problem, product.product_id, views_left=len(product.views), source_uri=product.source_uri
+                )
+                continue
+            rows = self._read_views(product, fetched, ledger)
+            if not rows:
+                detail = f"none of its {len(product.views)} views could be read"
+                reject = Reject(RejectReason.NO_READABLE_VIEWS, detail)
+                ledger.reject_product(reject, product.product_id, views_left=0, source_uri=product.source_uri)
+                continue
+            ledger.keep(len(rows))
+            images.extend(rows)
+            products.append(
+                {
+                    "dataset": product.dataset,
+                    "product_id": product.product_id,
+                    "source_kind": source.kind,
+                    "group_key": product.group_key or product.product_id,
+                    "split": product.split,
+                    "category": product.category,
+                    "n_views": len(rows),
+                    "licence": product.licence,
+                    "source_uri": product.source_uri,
+                }
+            )
+        for name, value in crawler.fetch_counts().items():
+            ledger.counts[f"read.{name}"] += value
+        return ShardOutput(
+            {
+                INGEST_PRODUCTS.table: pa.Table.from_pylist(products, schema=tables.PRODUCTS),
+                INGEST_IMAGES.table: pa.Table.from_pylist(images, schema=tables.IMAGES),
+            },
+            ledger,
+        )
+
+    def _read_views(self, product: RawProduct, fetched: dict[RawView, bytes | Reject], ledger: ShardLedger) -> list:
+        rows = []
+        for index, view in enumerate(product.views):
+            outcome = view.problem or fetched[view]
+            try:
+                if isinstance(outcome, Reject):
+                    raise Rejected(outcome)
+                rows.append(_image_row(product, index, view, outcome, self.config))
+            except Rejected as err:
+                ledger.reject_view(
+                    err.reject, product.product_id, view_index=index, file_name=view.file_name, source_uri=view.locator
+                )
+        return rows
+
+
+def _image_row(product: RawProduct, index: int, view: RawView, data: bytes, config: RunConfig) -> dict:
+    checked = check_image(
+        data,
+        max_file_bytes=config.ingest.max_file_bytes,
+        max_image_pixels=config.ingest.max_image_pixels,
+        allowed_formats=config.ingest.allowed_formats,
+    )
+    return {
+        "dataset": product.dataset,
+        "product_id": product.product_id,
+        "view_index": index,
+        "file_name": view.file_name,
+        "view": view.view,
+        "image": {"bytes": checked.data, "path": f"{product.product_id}/{view.file_name}"},
+        "format": checked.format,
+        "width": checked.width,
+        "height": checked.height,
+        "phash": checked.phash,
+        "dhash": checked.dhash,
+        "sha256": checked.sha256,
+        "source_uri": view.locator,
+        "licence": product.licence,
+    }

@@ -1,0 +1,167 @@
+"""Listwise target selection: one LMM call sees a source and its shown candidates and picks at most two targets,
+each with a short (16–32 words) and a long (64–128 words) modification text and the views involved.
+
+In: `candidates` shards. Out: `triplets` and `hard_negatives` (the shown candidates not chosen, kept with each
+triplet: FashionMV throws them away). A source with no chosen target is rejected (`no_target_selected`); an answer
+that repeats a candidate or stays invalid after the retries is rejected (`invalid_lmm_answer`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import ClassVar
+
+from fashionmv_builder.core.build import CANDIDATES, CAPTIONS, DEDUPE_VIEWS, HARD_NEGATIVES, INGEST_IMAGES, TRIPLETS
+from fashionmv_builder.core.config import RunConfig
+from fashionmv_builder.core.ledger import Reject, ShardLedger
+from fashionmv_builder.core.stage import ShardTask
+from fashionmv_builder.data_schema import tables
+from fashionmv_builder.data_schema.lmm_answers import selection_answer
+from fashionmv_builder.data_schema.reasons import RejectReason
+from fashionmv_builder.lmm.calls import CallOutcome
+from fashionmv_builder.lmm.harness import Ask, Item, LmmStage, StageContext, text_part
+from fashionmv_builder.lmm.media import MediaCache, PreparedImage
+
+
+def repeated_candidate(answer) -> str | None:
+    picked = [c.candidate for c in answer.choices]
+    return f"candidate chosen twice: {picked}" if len(picked) != len(set(picked)) else None
+
+
+class SelectStage(LmmStage):
+    """Stage 3: let the LMM pick targets among each source's candidates and write modification texts."""
+
+    name = TRIPLETS.stage
+    version = "1"
+    # Candidates are any product of the dataset: their views, short captions and images are read from every shard.
+    reads = (CANDIDATES, DEDUPE_VIEWS.every_shard(), CAPTIONS.every_shard(), INGEST_IMAGES.every_shard())
+    writes: ClassVar[dict] = {TRIPLETS.table: tables.TRIPLETS, HARD_NEGATIVES.table: tables.HARD_NEGATIVES}
+    settings_section = "triplets"
+
+    def __init__(self, config: RunConfig) -> None:
+        super().__init__(config)
+        # Filled once per dataset and shared by the shards (threads of one process on Prefect, one loop locally).
+        self._views: dict[str, dict[str, list[dict]]] = {}  # dataset → product → kept view references
+        self._shard_of: dict[str, dict[str, int]] = {}  # dataset → product → shard
+        self._captions: dict[str, dict[str, str]] = {}  # dataset → product → short caption
+        self._prepared: dict[tuple[str, str, int], list[PreparedImage]] = {}  # (dataset, product, budget) → images
+
+    # -- inputs --------------------------------------------------------------------------------------------------
+
+    def _dataset(self, dataset: str) -> None:
+        if dataset in self._views:
+            return
+        captions = self.build.rows(CAPTIONS, dataset, columns=["product_id", "short_caption"])
+        self._captions[dataset] = {r["product_id"]: r["short_caption"] for r in captions}
+        self._shard_of[dataset] = self.build.product_shards(dataset)
+        self._views[dataset] = self.build.kept_views(dataset, with_bytes=False)
+
+    def _prepare(self, dataset: str, wanted: set[str], media: dict[int, MediaCache]) -> None:
+        """Resize (once, into the content-addressed cache) the views of products not prepared yet."""
+        missing = {pid for pid in wanted if (dataset, pid, min(media)) not in self._prepared}
+        by_shard: dict[int, set[str]] = defaultdict(set)
+        for pid in missing:
+            by_shard[self._shard_of[dataset][pid]].add(pid)
+        for shard, pids in by_shard.items():
+            found = self.build.kept_views(dataset, [shard], products=pids)
+            for pid in pids:
+                for budget, cache in media.items():
+                    self._prepared[(dataset, pid, budget)] = [cache.prepare(v["bytes"]) for v in found[pid]]
+
+    def load_items(self, task: ShardTask) -> list[Item]:
+        self._dataset(task.dataset)
+        rows = self.build.read_shard(CANDIDATES, task.dataset, task.shard).to_pylist()
+        views = self._views[task.dataset]
+        return [Item(product=row, views=views[row["product_id"]], images=[]) for row in rows]
+
+    # -- the request ---------------------------------------------------------------------------------------------
+
+    def ask(self, item: Item, ctx: StageContext) -> Ask:
+        t, lmm = self.config.triplets, self.config.lmm
+        dataset, source = item.product["dataset"], item.product["product_id"]
+        candidates = item.product["candidate_ids"]
+        small = MediaCache(ctx.media.folder, t.candidate_max_pixels, ctx.media.share_disk)
+        budgets = {lmm.image_max_pixels: ctx.media, t.candidate_max_pixels: small}
+        wanted = {source, *candidates} if t.candidates_as == "images" else {source}
+        self._prepare(dataset, wanted, budgets)
+
+        def images(pid: str, budget: int, label: str) -> tuple[list[dict], list[str]]:
+            prepared = self._prepared[(dataset, pid, budget)]
+            parts = []
+            for k, p in enumerate(prepared, start=1):
+                parts += [text_part(f"[{label}, Image {k}]"), {"type": "image_url", "image_url": {"url": p.url}}]
+            return parts, [p.sha256 for p in prepared]
+
+        content, hashes, texts = [], [], []
+        parts, h = images(source, lmm.image_max_pixels, "Source")
+        intro = f"Source product ({len(item.views)} views):"
+        content += [text_part(intro), *parts]
+        hashes += h
+        texts.append(intro)
+        for c, pid in enumerate(candidates, start=1):
+            if t.candidates_as == "images":
+                parts, h = images(pid, t.candidate_max_pixels, f"Candidate {c}")
+                line = f"Candidate {c}:"
+                content += [text_part(line), *parts]
+                hashes += h
+            else:
+                line = f"Candidate {c}: {self._captions[dataset][pid]}"
+                content.append(text_part(line))
+            texts.append(line)
+        model = selection_answer(lmm.words, len(candidates), t.max_targets, t.min_targets, t.min_views_involved)
+        return self.make_ask(model, content, hashes, texts, check=self.check)
+
+    # -- the answer ----------------------------------------------------------------------------------------------
+
+    def check(self, answer) -> str | None:
+        """Rules the schema cannot express: no candidate twice, and distinct views spanning enough of them."""
+        if problem := repeated_candidate(answer):
+            return problem
+        for choice in answer.choices:
+            if len(set(choice.views_involved)) < self.config.triplets.min_views_involved:
+                return f"views_involved {choice.views_involved} spans fewer than the required distinct views"
+        return None
+
+    def accept(self, item: Item, outcome: CallOutcome, ledger: ShardLedger) -> dict[str, list[dict]] | Reject:
+        p = item.product
+        shown = p["candidate_ids"]
+        choices = outcome.answer.choices
+        if not choices:
+            return Reject(RejectReason.NO_TARGET_SELECTED, f"none of the {len(shown)} candidates was chosen")
+        chosen = {shown[c.candidate - 1] for c in choices}
+        triplets, negatives = [], []
+        for choice in choices:
+            target = shown[choice.candidate - 1]
+            triplet_id = f"{p['dataset']}:{p['product_id']}->{target}"
+            views = sorted(set(choice.views_involved))
+            ledger.counts["triplets"] += 1
+            ledger.counts["triplets_multi_view"] += len(views) >= 2
+            triplets.append(
+                {
+                    "triplet_id": triplet_id,
+                    "dataset": p["dataset"],
+                    "split": p["split"],
+                    "source_id": p["product_id"],
+                    "target_id": target,
+                    "modification_text_short": choice.modification_short,
+                    "modification_text_long": choice.modification_long,
+                    "views_involved": views,
+                    "candidate_ids": shown,
+                    "request_sha256": outcome.key,
+                    "prompt_version": self.config.triplets.prompt,
+                    "model": self.config.lmm.model,
+                }
+            )
+            negatives += [
+                {
+                    "triplet_id": triplet_id,
+                    "dataset": p["dataset"],
+                    "split": p["split"],
+                    "source_id": p["product_id"],
+                    "negative_id": other,
+                    "rank_shown": rank,
+                }
+                for rank, other in enumerate(shown)
+                if other not in chosen
+            ]
+        return {"triplets": triplets, "hard_negatives": negatives}
