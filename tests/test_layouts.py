@@ -10,7 +10,10 @@ from fashionmv_builder.core.config import (
     Fashion200kSource,
     FashionGenSource,
     FolderSource,
+    validate_config,
 )
+from fashionmv_builder.core.shards import ShardStore
+from fashionmv_builder.pipeline import run_local
 from fashionmv_builder.stages.ingest.sources.deepfashion import DeepFashionCrawler
 from fashionmv_builder.stages.ingest.sources.fashion200k import Fashion200kCrawler
 from fashionmv_builder.stages.ingest.sources.fashiongen import FashionGenCrawler
@@ -129,3 +132,36 @@ def test_view_sort_is_plain_string_sort(tmp_path):
         write(tmp_path / "p" / name, jpeg_bytes(1))
     crawler = FolderCrawler(FolderSource(kind="folder", dataset="d", root=tmp_path), 10**7)
     assert _listing(crawler) == {"p": ["x_1.jpeg", "x_10.jpeg", "x_2.jpeg"]}
+
+
+def test_folder_with_a_unicode_name_ingests_and_unsafe_names_still_fail(tmp_path):
+    root = tmp_path / "shop"
+    write(root / "robe d'été 夏" / "front.jpg", jpeg_bytes(1))
+    write(root / "robe d'été 夏" / "back.jpg", jpeg_bytes(2))
+    write(root / "bad\x1bname" / "a.jpg", jpeg_bytes(3))
+    write(root / "two\nlines" / "a.jpg", jpeg_bytes(4))
+    write(root / "‥" / "a.jpg", jpeg_bytes(5))  # two-dot leader: `..` once NFKC-normalised
+    crawler = FolderCrawler(FolderSource(kind="folder", dataset="shop", root=root), 10**7)
+    products = {p.product_id: p for p in crawler.list_products()}
+    dress = products["robe d'été 夏"]
+    assert dress.problem is None
+    assert [v.file_name for v in dress.views] == ["back.jpg", "front.jpg"]
+    got = dict(crawler.read_views(dress.views))
+    assert all(isinstance(b, bytes) for b in got.values())
+    for bad in ("bad\x1bname", "two\nlines", "‥"):
+        assert products[bad].problem.reason == RejectReason.INVALID_PRODUCT_ID, bad
+
+    # Through the ingest stage: the dress is kept under its own name, the others are rejected with their reason.
+    config = validate_config(
+        {
+            "output_dir": str(tmp_path / "out"),
+            "workers": 1,
+            "sources": [{"kind": "folder", "dataset": "shop", "root": str(root)}],
+        }
+    )
+    [report] = run_local(config, ["ingest"])["ingest"]
+    assert report.error is None
+    store = ShardStore(config.output_dir, "ingest", "shop")
+    assert [p["product_id"] for p in store.read_table("products").to_pylist()] == ["robe d'été 夏"]
+    rejects = {r["product_id"]: r["reason"] for r in store.read_table("rejects").to_pylist()}
+    assert rejects == dict.fromkeys(("bad\x1bname", "two\nlines", "‥"), "invalid_product_id")

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import threading
 import time
 from collections import Counter
@@ -18,9 +19,11 @@ from typing import Any
 import pytest
 from fashionmv_builder.data_schema.reasons import RejectReason
 from PIL import Image
+from pydantic import ValidationError
 
-from fashionmv_builder.core.config import ConfigError, HttpConfig, ManifestSource
-from fashionmv_builder.core.ledger import Reject
+from fashionmv_builder.core.config import ConfigError, HttpConfig, ManifestSource, validate_config
+from fashionmv_builder.core.ledger import Reject, ShardLedger
+from fashionmv_builder.pipeline import run_local
 from fashionmv_builder.stages.ingest.sources.base import RawProduct, RawView
 from fashionmv_builder.stages.ingest.sources.manifest import ManifestCrawler, address_problem
 
@@ -28,6 +31,7 @@ MAX_FILE_BYTES = 64_000
 BIG_BODY = 200_000  # over MAX_FILE_BYTES
 STREAM_TOTAL = 4_000_000  # what the streamed oversized body would send if nobody stopped listening
 SLOW_S = 1.5  # longer than the read timeout below
+DRIP_INTERVAL_S = 0.1  # one byte this often: well inside the read timeout below, so only a total deadline stops it
 USER_AGENT = "fmv-test/1.0 (+tests)"
 
 
@@ -136,6 +140,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, b"\xff" * BIG_BODY, "image/jpeg")
         elif path == "/big/streamed.jpg":
             self._stream_forever()
+        elif path == "/drip.jpg":
+            self._drip()
         else:
             self._send(404, b"no such thing", "text/plain")
 
@@ -154,6 +160,17 @@ class _Handler(BaseHTTPRequestHandler):
                 time.sleep(0.005)
         except OSError:
             state.stream_aborted.set()
+
+    def _drip(self) -> None:
+        """A valid image, one byte every DRIP_INTERVAL_S (about 80 s in all, unless the client hangs up first)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(JPEG)))
+        self.end_headers()
+        for byte in JPEG[:800]:
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+            time.sleep(DRIP_INTERVAL_S)
 
 
 @dataclass
@@ -266,10 +283,16 @@ def test_listing_sorts_groups_and_flags_problems(tmp_path: Path) -> None:
         assert problem.detail.startswith(("line 7:", "line 8:"))
         assert len(by_id[bad_id].views) == 1  # the views stay listed so ingest can count them
 
-    for line, why in ((6, "not valid JSON"), (12, "missing product_id"), (15, "not a string"), (16, "JSON object")):
+    cases = (
+        (6, RejectReason.UNREADABLE_FILE, "malformed manifest row, filed as unreadable_file: not valid JSON"),
+        (12, RejectReason.INVALID_PRODUCT_ID, "missing product_id"),
+        (15, RejectReason.INVALID_PRODUCT_ID, "not a string"),
+        (16, RejectReason.UNREADABLE_FILE, "malformed manifest row, filed as unreadable_file: not a JSON object"),
+    )
+    for line, reason, why in cases:
         product = by_id[f"line-{line}"]
         assert product.problem is not None
-        assert product.problem.reason is RejectReason.INVALID_PRODUCT_ID
+        assert product.problem.reason is reason
         assert product.problem.detail.startswith(f"line {line}:") and why in product.problem.detail
         assert len(product.views) == 1 and product.views[0].problem == product.problem
 
@@ -282,6 +305,77 @@ def test_listing_sorts_groups_and_flags_problems(tmp_path: Path) -> None:
     (p4_view,) = by_id["p4"].views
     assert p4_view.problem == Reject(RejectReason.BAD_URL, "line 14: missing url")
     assert all("\n" not in (p.problem.detail if p.problem else "") for p in products)
+
+
+def test_malformed_rows_are_not_filed_as_bad_ids(tmp_path: Path) -> None:
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b'{"product_id": "a", "url": "http://x.example.com/a.jpg"}\n{oops\n\xff\xfe\n"just a string"\n')
+    problems = {p.product_id: p.problem for p in _crawler(path).list_products()}
+    assert problems["a"] is None
+    for line in (2, 3, 4):
+        problem = problems[f"line-{line}"]
+        assert problem is not None and problem.reason is RejectReason.UNREADABLE_FILE, problem
+        assert "malformed manifest row" in problem.detail and "filed as unreadable_file" in problem.detail
+
+
+def test_non_string_url_says_what_it_is(tmp_path: Path) -> None:
+    rows: list[dict[str, Any] | str] = [
+        {"product_id": "n", "url": 42},
+        {"product_id": "l", "url": ["http://x.example.com/a.jpg"]},
+        {"product_id": "o", "url": {"href": "a.jpg"}},
+        {"product_id": "b", "url": True},
+        {"product_id": "z", "url": None},
+        {"product_id": "e", "url": "  "},
+    ]
+    path = _write_jsonl(tmp_path / "m.jsonl", rows)
+    details = {
+        p.product_id: p.views[0].problem for p in _crawler(path, base_url="http://x.example.com/").list_products()
+    }
+    assert all(d is not None and d.reason is RejectReason.BAD_URL for d in details.values())
+    assert details["n"].detail == "line 1: url is a number, not a string: 42"
+    assert details["l"].detail.startswith("line 2: url is a list, not a string: ['http")
+    assert details["o"].detail.startswith("line 3: url is an object, not a string")
+    assert details["b"].detail == "line 4: url is a boolean, not a string: True"
+    assert details["z"].detail == "line 5: missing url"
+    assert details["e"].detail == "line 6: missing url"
+
+
+BASE = "http://shop.example.com/cat/v1/"
+
+
+@pytest.mark.parametrize(
+    ("url", "resolved"),
+    [
+        ("img/a.jpg", BASE + "img/a.jpg"),
+        ("../v1/img/b.jpg", BASE + "img/b.jpg"),  # climbs out and back in: still inside
+        ("http://cdn.example.com/x/c.jpg", "http://cdn.example.com/x/c.jpg"),  # absolute in the manifest: as written
+        ("https://shop.example.com/other/d.jpg", "https://shop.example.com/other/d.jpg"),
+    ],
+)
+def test_urls_inside_base_url_or_absolute_are_accepted(tmp_path: Path, url: str, resolved: str) -> None:
+    path = _write_jsonl(tmp_path / "m.jsonl", [{"product_id": "a", "url": url}])
+    (product,) = _crawler(path, base_url=BASE).list_products()
+    assert product.views[0].problem is None
+    assert product.views[0].locator == resolved
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "../../other/x.jpg",
+        "../x.jpg",
+        "/x.jpg",  # rooted: elsewhere on the host
+        "//other-host/cat/v1/x.jpg",  # scheme-relative: another host
+        "img/%2e%2e/%2E%2E/%2e%2e/x.jpg",  # dot segments a server may decode
+        "img\\..\\..\\..\\x.jpg",
+    ],
+)
+def test_relative_urls_leaving_base_url_are_bad(tmp_path: Path, url: str) -> None:
+    path = _write_jsonl(tmp_path / "m.jsonl", [{"product_id": "a", "url": url}])
+    (product,) = _crawler(path, base_url=BASE).list_products()
+    problem = product.views[0].problem
+    assert problem is not None and problem.reason is RejectReason.BAD_URL
+    assert "leaves base_url" in problem.detail and BASE in problem.detail and "\n" not in problem.detail
 
 
 def test_relative_url_without_base_url_is_bad(tmp_path: Path) -> None:
@@ -329,6 +423,29 @@ def test_csv_manifest_lists_like_jsonl(tmp_path: Path) -> None:
     assert p9[0].views[0].problem is not None
     assert p9[0].views[0].problem.reason is RejectReason.BAD_URL
     assert p9[0].views[0].view == "side"
+
+
+def test_csv_without_a_needed_column_fails_once_for_the_file(tmp_path: Path) -> None:
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("product_id,link\n" + "".join(f"p{i},http://x.example.com/{i}.jpg\n" for i in range(50)))
+    with pytest.raises(ConfigError, match=r"m\.csv has no 'url' column") as raised:
+        list(_crawler(csv_path).list_products())
+    assert "\n" not in str(raised.value)
+
+    # The ingest stage reports it as the dataset failing to list, in one line, with no reject per row.
+    config = validate_config(
+        {
+            "output_dir": str(tmp_path / "out"),
+            "sources": [{"kind": "manifest", "dataset": "shop", "path": str(csv_path)}],
+            "http": {"allow_private_addresses": True},
+        }
+    )
+    [report] = run_local(config, ["ingest"])["ingest"]
+    assert report.error is not None and "\n" not in report.error
+    assert "cannot list the source" in report.error and "no 'url' column" in report.error
+
+    (tmp_path / "empty.csv").write_text("")
+    assert list(_crawler(tmp_path / "empty.csv").list_products()) == []
 
 
 def test_bad_manifest_path_fails_fast(tmp_path: Path) -> None:
@@ -413,6 +530,63 @@ def test_fetch_outcomes(tmp_path: Path, server: Server) -> None:
     assert stats.retries == 1 + 1 + 2  # 503, 429, and the slow path twice
     assert stats.redirects == 5  # loop a->b and b->a, hop 1->2 and 2->img, to-ftp
     assert elapsed < 10
+
+
+def test_total_deadline_stops_a_host_that_drips_bytes(tmp_path: Path, server: Server) -> None:
+    crawler = _crawler(
+        _manifest_of(tmp_path, ["drip.jpg", "img/a.jpg"]), base_url=server.url + "/", total_timeout_s=1.0
+    )
+    started = time.monotonic()
+    outcomes = _fetch(crawler, _views(list(crawler.list_products())))
+    elapsed = time.monotonic() - started
+    dripped = outcomes[f"{server.url}/drip.jpg"]
+    assert isinstance(dripped, Reject) and dripped.reason is RejectReason.FETCH_TIMEOUT, dripped
+    assert f"{server.url}/drip.jpg" in dripped.detail and "total deadline of 1 s" in dripped.detail
+    assert "\n" not in dripped.detail
+    assert outcomes[f"{server.url}/img/a.jpg"] == JPEG
+    assert server.state.hits["/drip.jpg"] == 1  # the deadline is final: no retry
+    assert elapsed < 5
+
+
+def test_total_deadline_does_not_count_waiting_for_a_slot(tmp_path: Path, server: Server) -> None:
+    # One connection for 16 views of about 0.05 s each: the last waits far longer than its deadline to start.
+    paths = [f"gen/{i:02d}.jpg" for i in range(16)]
+    crawler = _crawler(
+        _manifest_of(tmp_path, paths),
+        base_url=server.url + "/",
+        concurrency=1,
+        per_host_concurrency=1,
+        total_timeout_s=0.5,
+        read_timeout_s=0.5,
+    )
+    started = time.monotonic()
+    outcomes = _fetch(crawler, _views(list(crawler.list_products())))
+    assert time.monotonic() - started > 0.5
+    assert all(result == JPEG for result in outcomes.values()), outcomes
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_total_timeout_must_be_positive(value: float) -> None:
+    assert HttpConfig().total_timeout_s == 120
+    with pytest.raises(ValidationError, match="total_timeout_s"):
+        _http(total_timeout_s=value)
+
+
+def test_reject_log_lines_escape_untrusted_names(caplog: pytest.LogCaptureFixture) -> None:
+    ledger = ShardLedger("ingest", "shop")
+    forged = "\nWARNING ingest: shop/'p9' a.jpg: bad_url: forged"
+    with caplog.at_level(logging.WARNING, logger="fashionmv"):
+        ledger.reject_view(
+            Reject(RejectReason.BAD_URL, f"line 3: url {forged}\x1b[2K\u2028"),
+            "p1\rx",
+            view_index=0,
+            file_name=f"a.jpg{forged}",
+        )
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert not any(ch in message for ch in "\n\r\x1b\u2028")
+    assert "a.jpg\\nWARNING ingest" in message and "\\x1b[2K\\u2028" in message and "'p1\\rx'" in message
+    assert ledger.rejects[0]["file_name"] == f"a.jpg{forged}"  # the reject row itself keeps the name as it is
 
 
 def test_too_many_redirects_by_count(tmp_path: Path, server: Server) -> None:

@@ -166,7 +166,7 @@ def test_report_of_a_build_without_llm_stages_says_no_data(tmp_path):
         config,
         "dedupe",
         {"products": [{"product_id": p, "n_views": n} for p, n in (("a", 2), ("b", 3))], "rejects": [reject]},
-        {"products_in": 3, "products_out": 2},
+        {"products_in": 3, "products_out": 2, "products_rejected": 1},
     )
     report = build_report(config)
     d = report["datasets"]["shop"]

@@ -11,9 +11,9 @@ from fashionmv_builder import pipeline
 from fashionmv_builder.cli.common import (
     DatasetOpt,
     console,
-    lmm_errors,
     one_line_errors,
     print_stage,
+    run_errors,
     with_run_config,
 )
 from fashionmv_builder.core.config import ConfigError, RunConfig
@@ -55,7 +55,7 @@ def run_stages(
     cfg: RunConfig, names: list[str] | None, datasets: list[str] | None = None, pilot: float | None = None
 ) -> dict[str, list[StageReport]]:
     """Run the named stages (default: all) in pipeline order on this machine; expected failures end in one line."""
-    with one_line_errors(*lmm_errors()):
+    with one_line_errors(*run_errors()):
         return pipeline.run_local(
             cfg, names, datasets, pilot, on_report=lambda stage, reports: _show(stage, reports, pilot)
         )

@@ -6,6 +6,9 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import signal
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +21,7 @@ from rich.table import Table
 from fashionmv_builder.core.config import ConfigError, RunConfig, load_config, parse_override
 from fashionmv_builder.core.stage import StageReport
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # an error stays on one line, whatever the width
 
 ConfigArg = Annotated[Path, typer.Argument(help="run configuration (YAML)", exists=True, dir_okay=False)]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="output folder (overrides output_dir)")]
@@ -60,6 +63,7 @@ def with_run_config(command: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(command)
     def wrapper(config: Path, *, out: Path | None, set_: list[str] | None, verbose: bool, **kwargs: Any) -> Any:
         setup_logging(verbose)
+        exit_on_sigterm()
         return command(load_run(config, out, set_), **kwargs)
 
     wrapper.__signature__ = inspect.Signature(shared)  # type: ignore[attr-defined]
@@ -78,15 +82,25 @@ def one_line_errors(*errors: type[BaseException]) -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-def lmm_errors() -> tuple[type[BaseException], ...]:
-    """What an LMM stage may end with that is not a bug: a server down or refusing, a tripped breaker."""
+def run_errors() -> tuple[type[BaseException], ...]:
+    """What a run may end with that is not a bug: bad settings, a folder in use by another run, a damaged input
+    shard, an LMM server down or refusing, a tripped circuit breaker."""
     import openai
 
+    from fashionmv_builder.core.lock import BuildLocked
+    from fashionmv_builder.core.shards import CorruptShardError
     from fashionmv_builder.lmm.calls import CircuitOpen
     from fashionmv_builder.lmm.client import LmmUnreachable
     from fashionmv_builder.lmm.server import ServerError
 
-    return (LmmUnreachable, CircuitOpen, ServerError, ConfigError, openai.APIError)
+    return (ConfigError, BuildLocked, CorruptShardError, LmmUnreachable, CircuitOpen, ServerError, openai.APIError)
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (what `timeout`, systemd and Kubernetes send) unwinds the run like Ctrl-C: workers are stopped, a vLLM
+    server the run started is stopped, the run lock is released."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def stage_rows(reports: list[StageReport]) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ stage declares them (the same shard number of a table, or every shard of it for 
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -28,7 +29,7 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 
-from fashionmv_builder.core.config import digest
+from fashionmv_builder.core.config import ConfigError, digest
 from fashionmv_builder.core.shards import ShardMarker, ShardStore
 
 
@@ -69,8 +70,22 @@ class Build:
 
     def __init__(self, out: str) -> None:
         self.out = out
-        self.fs, root = fsspec.core.url_to_fs(out)
+        try:
+            self.fs, root = fsspec.core.url_to_fs(out)
+        except (ValueError, ImportError) as err:  # an unknown scheme, or one whose package is not installed
+            raise ConfigError(f"output_dir {out!r}: {err}") from None
         self.root = root.rstrip("/")
+
+    def check_writable(self) -> None:
+        """Fail before any work, in one line, when the output folder cannot be written (read-only, under a file,
+        no permission, a bucket that does not exist)."""
+        probe = f"{self.root}/.fashionmv-probe-{uuid.uuid4().hex}"
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+            self.fs.pipe_file(probe, b"probe")
+            self.fs.rm_file(probe)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"output_dir {self.out!r} cannot be written: {type(err).__name__}: {err}") from None
 
     def is_local(self) -> bool:
         return self.fs.protocol in ("file", ("file", "local"))

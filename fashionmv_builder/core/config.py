@@ -86,6 +86,9 @@ class HttpConfig(_Strict):
     per_host_requests_per_second: float = Field(default=20.0, gt=0)
     connect_timeout_s: float = Field(default=10.0, gt=0)
     read_timeout_s: float = Field(default=30.0, gt=0)
+    # One view's whole fetch (DNS, every hop, every retry and backoff, not its wait for a free slot): a host that
+    # drips bytes just inside read_timeout_s would otherwise hold a view, and a connection, for as long as it likes.
+    total_timeout_s: float = Field(default=120.0, gt=0)
     retries: int = Field(default=3, ge=0)
     backoff_s: float = Field(default=0.5, ge=0)
     max_redirects: int = Field(default=5, ge=0)

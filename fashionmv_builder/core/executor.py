@@ -13,19 +13,26 @@ artifacts). Both plan with `plan_dataset`, write with `execute_shard` or the LMM
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import functools
 import logging
 import math
+import multiprocessing
+import os
+import signal
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+from fashionmv_builder.core.build import Build
 from fashionmv_builder.core.config import RunConfig
+from fashionmv_builder.core.lock import run_lock
 from fashionmv_builder.core.shards import ShardMarker
 from fashionmv_builder.core.stage import DatasetPlan, ShardOutput, ShardTask, Stage, StageReport, Work
 
@@ -161,6 +168,22 @@ class LocalRunner(Runner):
             self.on_report(stage, reports)
 
 
+def die_with_parent() -> None:
+    """Set up a worker process: killed when the process that started it dies (kill -9, a crash), since a worker with
+    no owner would go on writing shards nobody accounts for and hold its memory forever (Linux's parent-death
+    signal; elsewhere nothing), and stopped at once by Ctrl-C instead of taking it for a task's exception and going
+    on with the next shard. A shard cut short leaves no marker, so it never passes as complete."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == 1:  # the parent died before the signal was armed
+            os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 def run_in_processes(stage: Stage, tasks: Sequence[ShardTask], workers: int) -> None:
     datasets = sorted({t.dataset for t in tasks})
     with tqdm(total=len(tasks), desc=f"{stage.name} {','.join(datasets)}", unit="shard", disable=not tasks) as bar:
@@ -169,9 +192,10 @@ def run_in_processes(stage: Stage, tasks: Sequence[ShardTask], workers: int) -> 
                 execute_shard(stage, task)
                 bar.update()
             return
-        with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
-            for future in as_completed([pool.submit(execute_shard, stage, task) for task in tasks]):
-                future.result()
+        # multiprocessing's pool, not concurrent.futures': leaving its block on an error or Ctrl-C terminates the
+        # workers, where an executor would first finish every shard already queued.
+        with multiprocessing.Pool(min(workers, len(tasks)), initializer=die_with_parent) as pool:
+            for _ in pool.imap_unordered(functools.partial(execute_shard, stage), tasks):
                 bar.update()
 
 
@@ -205,14 +229,18 @@ def run_pipeline(
     pilot: float | None = None,
     lmm_ready: Callable[[RunConfig, list[str]], None] | None = None,
 ) -> dict[str, list[StageReport]]:
-    """Run the stages in order over the datasets (default: every source). LMM endpoints (a server the run starts
-    under `lmm.serve`) are brought up at the first LMM stage and stopped at the end."""
+    """Run the stages in order over the datasets (default: every source), holding the output folder's run lock.
+    LMM endpoints (a server the run starts under `lmm.serve`) are brought up at the first LMM stage and stopped at
+    the end."""
     from fashionmv_builder.lmm.serving import check_endpoints, lmm_endpoints
 
     datasets = list(datasets or [s.dataset for s in config.sources])
     reports: dict[str, list[StageReport]] = {}
     skipped: set[str] = set()
+    build = Build(config.output_dir)
+    build.check_writable()  # before any work: a bad output_dir is one line now, not a traceback after decoding
     with ExitStack() as stack:
+        stack.enter_context(run_lock(build))
         lmm: LmmRun | None = None
         for stage in stages:
             why = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -51,6 +52,16 @@ class Rejected(Exception):
     def __init__(self, reject: Reject) -> None:
         super().__init__(reject.detail)
         self.reject = reject
+
+
+def check_totals(where: str, c: Mapping[str, int]) -> None:
+    """products_in = out + rejected; views_in = out + rejected + views of products rejected as a whole. Checked for
+    every shard before it is written, and again for the sums in stats.json."""
+    n = Counter(c)  # a missing counter is 0
+    if n["products_in"] != n["products_out"] + n["products_rejected"]:
+        raise ConservationError(f"{where}: product counts do not add up: {dict(c)}")
+    if n["views_in"] != n["views_out"] + n["views_rejected"] + n["views_dropped_with_product"]:
+        raise ConservationError(f"{where}: view counts do not add up: {dict(c)}")
 
 
 class ShardLedger:
@@ -118,16 +129,14 @@ class ShardLedger:
         )
         self.counts[f"{level.value}s_rejected"] += 1
         self.counts[f"rejected.{reason.value}"] += 1
+        # Ids, file names and details can come from untrusted folders and manifests: non-printable characters are
+        # escaped (repr style) so that one name can neither break the log line nor forge another.
         where = f"{self.dataset}/{product_id!r}" + (f" {file_name}" if file_name else "")
-        log.warning("%s: %s: %s: %s", self.stage, where, reason.value, detail.replace("\n", " "))
+        shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in f"{where}: {reason.value}: {detail}")
+        log.warning("%s: %s", self.stage, shown)
 
-    def check(self, *, dropped_with_product: str = "views_dropped_with_product") -> None:
-        """products_in = out + rejected; views_in = out + rejected + views of products rejected as a whole."""
-        c = self.counts
-        if c["products_in"] != c["products_out"] + c["products_rejected"]:
-            raise ConservationError(f"{self.stage}/{self.dataset}: product counts do not add up: {dict(c)}")
-        if c["views_in"] != c["views_out"] + c["views_rejected"] + c[dropped_with_product]:
-            raise ConservationError(f"{self.stage}/{self.dataset}: view counts do not add up: {dict(c)}")
+    def check(self) -> None:
+        check_totals(f"{self.stage}/{self.dataset}", self.counts)
 
     def rejects_table(self) -> pa.Table:
         return pa.Table.from_pylist(self.rejects, schema=REJECTS)

@@ -6,9 +6,12 @@ Layout under a build's output folder (any fsspec URL):
     <out>/<stage>/<dataset>/_markers/part-00042.json      completion marker, written last
     <out>/<stage>/<dataset>/stats.json                   counts summed over the stage's shards
 
-A shard is complete when its marker exists and records the same stage config hash and input fingerprint. The
-marker holds the sha256 and row count of every data file, so readers trust only marked files and can verify them;
-no atomic rename is needed, which is what makes this work on object stores.
+A shard is complete when its marker exists, records the same stage config hash and input fingerprint, and every
+file it lists is there with the size and sha256 it records. Nothing on disk is trusted blindly: resume checks sizes
+and hashes before it skips a shard (a corrupt or truncated file is redone), and a reader checks a file's hash the
+first time this process reads it (a corrupt input is named in one line). No atomic rename is needed, which is what
+makes this work on object stores. Paths in markers are relative to the stage's dataset folder, so a build can be
+copied or moved, to another disk or an object store, and stay whole.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -25,15 +29,44 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
+from fashionmv_builder.core.ledger import CONSERVED, check_totals
 from fashionmv_builder.data_schema.tables import SCHEMA_VERSION
+
+log = logging.getLogger("fashionmv")
 
 MARKERS = "_markers"
 
 
 class ShardFile(BaseModel):
-    path: str
+    path: str  # relative to the stage's dataset folder; markers of older builds hold absolute paths
     sha256: str
     rows: int
+    size: int | None = None  # bytes; absent in markers of older builds
+
+
+class CorruptShardError(OSError):
+    """A marked file that is missing or no longer what its marker recorded."""
+
+
+# Files this process has hashed, with the size and modification stamp they had: a file is hashed again only when it
+# changed, not at every read or skip check.
+_verified: set[tuple[str, str, int, str]] = set()
+
+
+def _stamp(info: dict[str, Any]) -> str:
+    """What changes when a file is rewritten: its mtime locally, its ETag or last-modified time on object stores."""
+    for key in ("mtime", "ETag", "LastModified", "last_modified", "etag", "updated"):
+        if info.get(key) is not None:
+            return str(info[key])
+    return ""
+
+
+def _sha256(fs: Any, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class ShardMarker(BaseModel):
@@ -81,14 +114,36 @@ class ShardStore:
         except (FileNotFoundError, ValueError):
             return None  # missing or half-written marker: the shard is not done
 
+    def file_path(self, marker: ShardMarker, table: str) -> str:
+        """Where a marked table is: always this store's layout path, whatever folder the build was written in."""
+        return self.table_path(table, marker.shard)
+
+    def problem(self, marker: ShardMarker, table: str, *, hash_check: bool = True) -> str | None:
+        """Why a marked file cannot be trusted (missing, other size, other hash), or None when it is intact."""
+        path, entry = self.file_path(marker, table), marker.files[table]
+        try:
+            info = self.fs.info(path)
+        except FileNotFoundError:
+            return f"{path} is missing"
+        if entry.size is not None and info["size"] != entry.size:
+            return f"{path} has {info['size']} bytes, its marker says {entry.size} (truncated or rewritten)"
+        seen = (path, entry.sha256, info["size"], _stamp(info))
+        if hash_check and seen not in _verified:
+            if _sha256(self.fs, path) != entry.sha256:
+                return f"{path}: sha256 does not match its completion marker (corrupt or changed since written)"
+            _verified.add(seen)
+        return None
+
     def is_complete(self, shard: int, config_hash: str, input_fingerprint: str) -> bool:
+        """The marker matches and every file it lists is intact; a damaged shard is logged and redone."""
         marker = self.read_marker(shard)
-        return (
-            marker is not None
-            and marker.config_hash == config_hash
-            and marker.input_fingerprint == input_fingerprint
-            and all(self.fs.exists(f.path) for f in marker.files.values())
-        )
+        if marker is None or marker.config_hash != config_hash or marker.input_fingerprint != input_fingerprint:
+            return False
+        for table in marker.files:
+            if problem := self.problem(marker, table):
+                log.warning("%s: shard %d of %s is redone: %s", self.stage, shard, self.dataset, problem)
+                return False
+        return True
 
     def write(
         self,
@@ -112,7 +167,12 @@ class ShardStore:
             path = self.table_path(name, shard)
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
             self.fs.pipe_file(path, data)
-            files[name] = ShardFile(path=path, sha256=hashlib.sha256(data).hexdigest(), rows=table.num_rows)
+            sha256 = hashlib.sha256(data).hexdigest()
+            files[name] = ShardFile(
+                path=path.removeprefix(f"{self.base}/"), sha256=sha256, rows=table.num_rows, size=len(data)
+            )
+            info = self.fs.info(path)
+            _verified.add((path, sha256, info["size"], _stamp(info)))
         marker = ShardMarker(
             stage=self.stage,
             dataset=self.dataset,
@@ -137,28 +197,23 @@ class ShardStore:
         for marker in self.markers():
             if marker.shard not in keep:
                 self.fs.rm_file(self.marker_path(marker.shard))
-                for entry in marker.files.values():
-                    if self.fs.exists(entry.path):
-                        self.fs.rm_file(entry.path)
+                for table in marker.files:
+                    if self.fs.exists(path := self.file_path(marker, table)):
+                        self.fs.rm_file(path)
 
-    def read_part(
-        self, marker: ShardMarker, table: str, *, columns: list[str] | None = None, verify: bool = False
-    ) -> pa.Table | None:
-        """One marked shard's table (only `columns`, when given: column chunks not asked for are not read)."""
-        entry = marker.files.get(table)
-        if entry is None:
+    def read_part(self, marker: ShardMarker, table: str, *, columns: list[str] | None = None) -> pa.Table | None:
+        """One marked shard's table (only `columns`, when given: column chunks not asked for are not read), after
+        checking the file against its marker (the hash once per process)."""
+        if table not in marker.files:
             return None
-        if not verify:
-            with self.fs.open(entry.path, "rb") as f:
-                return pq.read_table(f, columns=columns)
-        data = self.fs.cat_file(entry.path)
-        if hashlib.sha256(data).hexdigest() != entry.sha256:
-            raise OSError(f"{entry.path}: checksum does not match its completion marker")
-        return pq.read_table(io.BytesIO(data), columns=columns)
+        if problem := self.problem(marker, table):
+            raise CorruptShardError(f"{problem}; rerun the {self.stage} stage to redo it")
+        with self.fs.open(self.file_path(marker, table), "rb") as f:
+            return pq.read_table(f, columns=columns)
 
-    def read_table(self, table: str, verify: bool = False, columns: list[str] | None = None) -> pa.Table:
+    def read_table(self, table: str, columns: list[str] | None = None) -> pa.Table:
         """All marked shards of one table, in shard order."""
-        parts = [self.read_part(m, table, columns=columns, verify=verify) for m in self.markers()]
+        parts = [self.read_part(m, table, columns=columns) for m in self.markers()]
         parts = [p for p in parts if p is not None]
         if not parts:
             return pa.table({})
@@ -173,7 +228,7 @@ class ShardStore:
     def write_stats(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Sum the markers' counts into stats.json; leave the file untouched when nothing changed."""
         markers = self.markers()
-        totals: Counter[str] = Counter()
+        totals: Counter[str] = Counter(dict.fromkeys(CONSERVED, 0))  # one shape, a dataset without shards included
         for m in markers:
             totals.update(m.counts)
         stats = {
@@ -183,8 +238,10 @@ class ShardStore:
             "counts": dict(sorted(totals.items())),
             **(extra or {}),
         }
+        check_totals(f"{self.stage}/{self.dataset}", totals)
         data = (json.dumps(stats, indent=1) + "\n").encode()
         path = f"{self.base}/stats.json"
         if not (self.fs.exists(path) and self.fs.cat_file(path) == data):
+            self.fs.makedirs(self.base, exist_ok=True)  # a dataset with no shard at all (an empty source)
             self.fs.pipe_file(path, data)
         return stats

@@ -7,7 +7,7 @@ with a header row). One row per image:
 
     product_id  required; a string or an integer (stored as its decimal text)
     url         required; absolute http(s) URL, or relative to the source's `base_url` (RFC 3986 joining, so a
-                base URL naming a folder should end in `/`)
+                base URL naming a folder should end in `/`); see "URLs and base_url" below
     view        optional view label (front, back, …)
     category    optional, product level
     licence     optional, product level; falls back to the source's `licence`
@@ -18,18 +18,35 @@ product-level fields come from the first row (in file order) that has them. A pr
 `file_name`, the last segment of the URL path (plain string sort, still percent-encoded), ties broken by URL.
 Products are listed sorted by product id.
 
-Listing never raises on bad rows: a row that cannot be parsed (bad JSON, not an object, no usable product id)
-becomes a product of its own named `line-N` with `problem=Reject(INVALID_PRODUCT_ID, "line N: …")` and one placeholder
-view; an unsafe id (see `ids.id_problem`) rejects its product; a row without a usable http(s) URL becomes a view
-with `problem=Reject(BAD_URL, …)`. Each view's `stamp` is the canonical JSON of its manifest row, so editing a row
-changes the fingerprint of the shard holding it.
+Listing never raises on bad rows: a row that cannot be parsed becomes a product of its own named `line-N` with one
+placeholder view. A malformed row (not UTF-8, not JSON, not a JSON object, broken CSV) is rejected as
+`UNREADABLE_FILE` (there is no code for a malformed manifest row; the detail says so); a row without a usable
+product id (missing, or neither a string nor an integer) as `INVALID_PRODUCT_ID`. An unsafe id (see
+`ids.id_problem`) rejects its product; a row without a usable http(s) URL becomes a view with
+`problem=Reject(BAD_URL, …)`. The one failure that is not per row: a CSV whose header lacks `product_id` or `url`
+raises `ConfigError` naming the file and the column, so the dataset fails to list with one line instead of one
+reject per row. Each view's `stamp` is the canonical JSON of its manifest row, so editing a row changes the
+fingerprint of the shard holding it.
+
+URLs and base_url
+-----------------
+A URL with a scheme (`https://cdn.example.com/a.jpg`) is taken as written, whatever its host: the manifest names it
+explicitly. Without `base_url`, every URL must be absolute. With `base_url`, a URL without a scheme is resolved
+against it and must stay inside it: same scheme and host (so a scheme-relative `//other-host/x.jpg` is refused),
+and a path under the base URL's folder (the path up to its last `/`, so `../x.jpg` that climbs out and a rooted
+`/x.jpg` elsewhere on the host are refused), with no `.`/`..` segment hidden by percent-encoding (`%2e%2e`) or a
+backslash. Such a view is rejected as `BAD_URL`, saying it leaves base_url.
 
 Fetching
 --------
 `read_views` fetches one shard's views concurrently with httpx inside `asyncio.run`: bounded in-flight requests
 overall and per host, a minimum interval between requests to one host, retries with exponential backoff on
 connection errors, timeouts, 429 and 5xx (never on other 4xx), redirects followed by hand so every hop is checked,
-a size limit enforced while streaming, and a Content-Type check. Unless `allow_private_addresses` is set, the host
+a size limit enforced while streaming, and a Content-Type check. Each view also has a total deadline,
+`http.total_timeout_s`, over its whole fetch (DNS, every hop and retry, backoff sleeps): a host that drips a byte
+just inside the read timeout cannot hold a view for longer, and the view is rejected as `FETCH_TIMEOUT`. The
+deadline's clock stops while the view waits for a free connection slot or its host's pacing, so a long queue on one
+host does not time out views that have not started. Unless `allow_private_addresses` is set, the host
 of every hop is resolved first and the request is refused when any address is private, loopback, link-local,
 reserved, multicast or otherwise not global; the connected peer is checked again once the response arrives (DNS
 may answer differently the second time). Proxies from the environment are ignored for the same reason: through a
@@ -51,7 +68,7 @@ from collections import Counter
 from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
@@ -69,6 +86,9 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # Many CDNs label images as generic binary; ingest decodes and checks the bytes anyway.
 GENERIC_CONTENT_TYPES = frozenset({"application/octet-stream"})
 MAX_BACKOFF_S = 30.0  # neither our own backoff nor a server's Retry-After may stall a shard longer than this
+REQUIRED_COLUMNS = ("product_id", "url")
+# No reject code names a malformed manifest row; UNREADABLE_FILE is the closest, and the detail says why.
+MALFORMED_ROW = "malformed manifest row, filed as unreadable_file"
 
 _T = TypeVar("_T")
 
@@ -115,16 +135,46 @@ def url_file_name(url: str) -> str:
     return path.rsplit("/", 1)[-1]
 
 
+def _json_kind(value: Any) -> str:
+    """What a manifest value is, in the manifest's own (JSON) words."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
+def leaves_base(url: str, base_url: str) -> bool:
+    """Whether `url` (already joined to `base_url`) lies outside it: another scheme or host, or outside its folder."""
+    base, parts = urlsplit(base_url), urlsplit(url)
+    if (parts.scheme.lower(), parts.netloc.lower()) != (base.scheme.lower(), base.netloc.lower()):
+        return True
+    folder = base.path.rsplit("/", 1)[0] + "/"
+    if not parts.path.startswith(folder):
+        return True
+    # Joining removed the plain dot segments; encoded ones (%2e%2e) or backslashes are what many servers decode.
+    return any(segment in (".", "..") for segment in unquote(parts.path).replace("\\", "/").split("/"))
+
+
 def resolve_url(raw: Any, base_url: str | None) -> tuple[str, str | None]:
     """(absolute URL, None) or (the text as given, why it is not a usable http(s) URL)."""
-    if not isinstance(raw, str) or not raw.strip():
-        return ("" if raw is None else str(raw)), "missing url"
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return "", "missing url"
+    if not isinstance(raw, str):
+        return "", f"url is {_json_kind(raw)}, not a string: {repr(raw)[:80]}"
     text = raw.strip()
     try:
         if not urlsplit(text).scheme:
             if base_url is None:
                 return text, f"relative url {text!r} and the source has no base_url"
-            text = urljoin(base_url, text)
+            joined = urljoin(base_url, text)
+            if leaves_base(joined, base_url):
+                return joined, f"relative url {text!r} resolves to {joined!r}, which leaves base_url {base_url!r}"
+            text = joined
         parts = urlsplit(text)
         if parts.scheme.lower() not in ("http", "https"):
             return text, f"url {text!r} is not http(s)"
@@ -202,7 +252,7 @@ class ManifestCrawler:
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as err:
-                    yield self._unparseable(line_no, raw.decode("utf-8", "replace"), f"not UTF-8 ({err.reason})")
+                    yield self._malformed(line_no, raw.decode("utf-8", "replace"), f"not UTF-8 ({err.reason})")
                     continue
                 if line_no == 1:
                     text = text.removeprefix("\ufeff")
@@ -211,10 +261,10 @@ class ManifestCrawler:
                 try:
                     record = json.loads(text)
                 except json.JSONDecodeError as err:
-                    yield self._unparseable(line_no, text, f"not valid JSON ({err.msg})")
+                    yield self._malformed(line_no, text, f"not valid JSON ({err.msg})")
                     continue
                 if not isinstance(record, dict):
-                    yield self._unparseable(line_no, text, "not a JSON object")
+                    yield self._malformed(line_no, text, f"not a JSON object but {_json_kind(record)}")
                     continue
                 yield self._parse(line_no, record)
 
@@ -222,35 +272,49 @@ class ManifestCrawler:
         # Undecodable bytes become U+FFFD, which the id and URL checks then reject row by row.
         with open(self.source.path, encoding="utf-8-sig", errors="replace", newline="") as fh:
             reader = csv.DictReader(fh)
-            if reader.fieldnames is not None:
-                reader.fieldnames = [name.strip() for name in reader.fieldnames]
+            try:
+                header = reader.fieldnames
+            except csv.Error as err:
+                raise ConfigError(
+                    f"sources[{self.source.dataset}].path: CSV manifest {self.source.path}: bad header row: {err}"
+                ) from err
+            if header is None:
+                return  # an empty file: no rows, like an empty JSONL manifest
+            reader.fieldnames = [name.strip() for name in header]
+            # Without one of these columns every row would fail the same way: one error for the file instead.
+            missing = [name for name in REQUIRED_COLUMNS if name not in reader.fieldnames]
+            if missing:
+                raise ConfigError(
+                    f"sources[{self.source.dataset}].path: CSV manifest {self.source.path} has no "
+                    + " or ".join(f"{name!r}" for name in missing)
+                    + f" column in its header row (columns: {', '.join(map(repr, reader.fieldnames)) or 'none'})"
+                )
             while True:  # ends at the end of the file; a csv.Error consumes the line it fails on
                 try:
                     row = next(reader)
                 except StopIteration:
                     return
                 except csv.Error as err:
-                    yield self._unparseable(reader.line_num, "", f"not valid CSV ({err})")
+                    yield self._malformed(reader.line_num, "", f"not valid CSV ({err})")
                     continue
                 # Short rows fill with None, long rows put extras under the key None: keep only named fields.
                 record = {k: v for k, v in row.items() if k is not None and v not in (None, "")}
                 yield self._parse(reader.line_num, record)
 
-    def _unparseable(self, line_no: int, text: str, why: str) -> _Row:
-        detail = f"line {line_no}: {why}"
+    def _malformed(self, line_no: int, text: str, why: str) -> _Row:
+        return self._unparseable(line_no, text, f"{MALFORMED_ROW}: {why}", RejectReason.UNREADABLE_FILE)
+
+    def _unparseable(
+        self, line_no: int, text: str, why: str, reason: RejectReason = RejectReason.INVALID_PRODUCT_ID
+    ) -> _Row:
+        reject = Reject(reason, _one_line(f"line {line_no}: {why}"))
         placeholder = RawView(
             file_name=f"line-{line_no}",
             locator=f"{self.source.path}#line-{line_no}",
             stamp=text.rstrip("\r\n"),
-            problem=Reject(RejectReason.INVALID_PRODUCT_ID, detail),
+            problem=reject,
         )
-        return _Row(
-            line=line_no,
-            product_id=f"line-{line_no}",
-            view=placeholder,
-            problem=Reject(RejectReason.INVALID_PRODUCT_ID, detail),
-            standalone=True,
-        )
+        return _Row(line=line_no, product_id=f"line-{line_no}", view=placeholder, problem=reject, standalone=True)
 
     def _parse(self, line_no: int, record: dict[str, Any]) -> _Row:
         stamp = _canonical(record)
@@ -327,6 +391,18 @@ class _Transient(_Failure):
     """A failure worth retrying: connection errors, timeouts, 429 and 5xx."""
 
 
+@dataclass
+class _Clock:
+    """One view's share of `http.total_timeout_s`: spent while it resolves, requests, reads or backs off, but not
+    while it waits for a connection slot or its host's pacing (other views' time, each bounded by its own clock)."""
+
+    limit_s: float
+    spent_s: float = 0.0
+
+    def left(self) -> float:
+        return self.limit_s - self.spent_s
+
+
 def address_problem(address: str) -> str | None:
     """Why a resolved address must not be contacted, or None when it is a public unicast address."""
     try:
@@ -397,7 +473,7 @@ class _Fetcher:
         if view.problem is not None:
             return view.problem
         try:
-            return await self._follow(view.locator)
+            return await self._follow(view.locator, _Clock(self.http.total_timeout_s))
         except _Failure as err:
             if err.reject.reason is RejectReason.BLOCKED_ADDRESS:
                 self.stats.blocked += 1
@@ -407,7 +483,7 @@ class _Fetcher:
             detail = _one_line(f"{view.locator}: {type(err).__name__}: {err}")
             return Reject(RejectReason.UNREADABLE_FILE, detail)
 
-    async def _follow(self, locator: str) -> bytes:
+    async def _follow(self, locator: str, clock: _Clock) -> bytes:
         try:
             url = httpx.URL(locator)
         except httpx.InvalidURL as err:
@@ -418,7 +494,7 @@ class _Fetcher:
             if url.scheme not in ("http", "https") or not url.host:
                 raise _Failure(RejectReason.BAD_URL, f"{where}: not an http(s) URL")
             seen.add(str(url))
-            result = await self._get_with_retries(url, where)
+            result = await self._get_with_retries(url, where, clock)
             if isinstance(result, bytes):
                 return result
             self.stats.redirects += 1
@@ -427,17 +503,23 @@ class _Fetcher:
             url = result
         raise _Failure(RejectReason.TOO_MANY_REDIRECTS, f"{locator}: more than {self.http.max_redirects} redirects")
 
-    async def _get_with_retries(self, url: httpx.URL, where: str) -> bytes | httpx.URL:
+    async def _get_with_retries(self, url: httpx.URL, where: str, clock: _Clock) -> bytes | httpx.URL:
+        def wait(state: RetryCallState) -> float:
+            # Backoff counts against the view's deadline, and never sleeps past it.
+            delay = min(self._backoff(state), max(clock.left(), 0.0))
+            clock.spent_s += delay
+            return delay
+
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.http.retries + 1),
-            wait=self._backoff,
+            wait=wait,
             retry=retry_if_exception_type(_Transient),
             before_sleep=self._count_retry,
             reraise=True,
         )
         async for attempt in retrying:
             with attempt:
-                return await self._get(url, where)
+                return await self._get(url, where, clock)
         raise AssertionError("tenacity either returns or re-raises")  # pragma: no cover
 
     def _backoff(self, state: RetryCallState) -> float:
@@ -451,12 +533,12 @@ class _Fetcher:
     def _count_retry(self, state: RetryCallState) -> None:
         self.stats.retries += 1
 
-    async def _get(self, url: httpx.URL, where: str) -> bytes | httpx.URL:
+    async def _get(self, url: httpx.URL, where: str, clock: _Clock) -> bytes | httpx.URL:
         """One attempt at one hop: the body, or where a redirect points."""
-        blocked = await self._host_problem(url, where)
+        blocked = await self._on_clock(clock, where, self._host_problem(url, where))
         if blocked is not None:
             raise _Failure(RejectReason.BLOCKED_ADDRESS, f"{where}: {blocked}")
-        assert self._client is not None and self._slots is not None
+        assert self._slots is not None
         host = url.host
         host_slots = self._host_slots.setdefault(host, asyncio.Semaphore(self.http.per_host_concurrency))
         # The host slot is taken before the global one, so waiting for a busy host never holds a global slot.
@@ -464,17 +546,45 @@ class _Fetcher:
             await self._pace(host)
             async with self._slots:
                 self.stats.requests += 1
-                try:
-                    async with self._client.stream("GET", url) as response:
-                        return await self._take(response, where)
-                except httpx.TimeoutException as err:
-                    raise _Transient(RejectReason.FETCH_TIMEOUT, f"{where}: timed out ({type(err).__name__})") from None
-                except httpx.UnsupportedProtocol as err:
-                    raise _Failure(RejectReason.BAD_URL, f"{where}: {err}") from None
-                except (httpx.NetworkError, httpx.RemoteProtocolError) as err:
-                    raise _Transient(RejectReason.UNREADABLE_FILE, f"{where}: {type(err).__name__}: {err}") from None
-                except httpx.HTTPError as err:
-                    raise _Failure(RejectReason.UNREADABLE_FILE, f"{where}: {type(err).__name__}: {err}") from None
+                return await self._on_clock(clock, where, self._request(url, where))
+
+    async def _on_clock(self, clock: _Clock, where: str, step: Coroutine[Any, Any, _T]) -> _T:
+        """Run one step of a view's fetch within what is left of its total deadline, and charge it the time."""
+        if clock.left() <= 0:  # spent by earlier steps and backoff: no new request
+            step.close()
+            raise self._out_of_time(where)
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(clock.left()) as deadline:
+                return await step
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise self._out_of_time(where) from None
+        finally:
+            clock.spent_s += time.monotonic() - started
+
+    def _out_of_time(self, where: str) -> _Failure:
+        limit = f"{self.http.total_timeout_s:g}"
+        return _Failure(
+            RejectReason.FETCH_TIMEOUT,
+            f"{where}: not fetched within the total deadline of {limit} s (http.total_timeout_s), "
+            "every hop and retry included",
+        )
+
+    async def _request(self, url: httpx.URL, where: str) -> bytes | httpx.URL:
+        assert self._client is not None
+        try:
+            async with self._client.stream("GET", url) as response:
+                return await self._take(response, where)
+        except httpx.TimeoutException as err:
+            raise _Transient(RejectReason.FETCH_TIMEOUT, f"{where}: timed out ({type(err).__name__})") from None
+        except httpx.UnsupportedProtocol as err:
+            raise _Failure(RejectReason.BAD_URL, f"{where}: {err}") from None
+        except (httpx.NetworkError, httpx.RemoteProtocolError) as err:
+            raise _Transient(RejectReason.UNREADABLE_FILE, f"{where}: {type(err).__name__}: {err}") from None
+        except httpx.HTTPError as err:
+            raise _Failure(RejectReason.UNREADABLE_FILE, f"{where}: {type(err).__name__}: {err}") from None
 
     async def _pace(self, host: str) -> None:
         """Keep at least 1/rate seconds between the starts of two requests to one host."""
