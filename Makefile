@@ -39,9 +39,11 @@ $(STAMPS)/sample: $(STAMPS)/venv fashionmv_builder/devtools/sample_catalogue.py
 	@touch $@
 
 # The main job on the embedded sample: the Prefect flow build-fashionmv (a temporary Prefect server in the process,
-# state in build/prefect-local), then the build report. `fashionmv run configs/sample.yaml` does the same without Prefect.
+# state in build/prefect-local; a slow or busy machine gets 3 minutes to start it), then the build report.
+# `fashionmv run configs/sample.yaml` does the same without Prefect.
 triplets: setup
 	PREFECT_HOME=$(CURDIR)/build/prefect-local PREFECT_SERVER_ANALYTICS_ENABLED=false \
+		PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=180 \
 		$(BIN)/python -m flows.build_fashionmv run configs/sample.yaml
 	$(BIN)/fashionmv report configs/sample.yaml --to build/sample/report --html
 	@echo "Shards: build/sample/<stage>/<dataset>/<table>/part-*.parquet, stats.json per stage and dataset."
