@@ -88,3 +88,7 @@ def main(smoke: bool = False) -> None:
     print(f"  ratio ours / imagededup = {ours_med / peer_med:.2f}x  (target >= 3x)")
     if reps > 1:
         print(f"  spread: ours {min(ours):.0f}-{max(ours):.0f}, imagededup {min(peer):.0f}-{max(peer):.0f} img/s")
+
+
+if __name__ == "__main__":
+    main(smoke="--smoke" in sys.argv[1:])

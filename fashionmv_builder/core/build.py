@@ -24,13 +24,17 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from fashionmv_builder.core.config import ConfigError, digest
 from fashionmv_builder.core.shards import ShardMarker, ShardStore
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,13 @@ HARD_NEGATIVES = TableRef("select", "hard_negatives")
 
 def rejects(stage: str) -> TableRef:
     return TableRef(stage, "rejects")
+
+
+def _holds_bytes(kind: pa.DataType) -> bool:
+    """Binary data, or a struct with some (the `image` column: the Hugging Face Image feature)."""
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return True
+    return pa.types.is_struct(kind) and any(_holds_bytes(kind.field(i).type) for i in range(kind.num_fields))
 
 
 class Build:
@@ -113,6 +124,49 @@ class Build:
 
     def rows(self, ref: TableRef, dataset: str, columns: list[str] | None = None) -> list[dict]:
         return self.read(ref, dataset, columns).to_pylist()
+
+    def datasets(self, stage: str | TableRef) -> list[str]:
+        """The datasets a stage has written, sorted (its folders, less the `_answers` kind)."""
+        name = stage.stage if isinstance(stage, TableRef) else stage
+        base = f"{self.root}/{name}"
+        if not self.fs.isdir(base):
+            return []
+        folders = (
+            e["name"].rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(base, detail=True) if e["type"] == "directory"
+        )
+        return sorted(n for n in folders if not n.startswith("_"))
+
+    def frame(
+        self,
+        ref: TableRef,
+        dataset: str | None = None,
+        *,
+        columns: list[str] | None = None,
+        with_images: bool = False,
+    ) -> pd.DataFrame:
+        """A table as a pandas DataFrame, for analysis: one dataset, or every dataset of the build (None); every
+        table has a `dataset` column. Columns holding image bytes are left out unless `with_images`."""
+        import pandas as pd  # here, not at the top: it adds about 0.3 s to every process that reads a build
+
+        frames = []
+        for name in [dataset] if dataset is not None else self.datasets(ref):
+            schema = self._schema(ref, name)
+            if schema is None:
+                continue
+            wanted = columns or [f.name for f in schema if with_images or not _holds_bytes(f.type)]
+            frames.append(self.read(ref, name, columns=wanted).to_pandas())
+        if not frames:
+            return pd.DataFrame(columns=columns)
+        return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+
+    def _schema(self, ref: TableRef, dataset: str) -> pa.Schema | None:
+        """The schema of a table's first marked shard (read from the Parquet footer); None when it has none."""
+        store = self.store(ref.stage, dataset)
+        for marker in store.markers():
+            if ref.table in marker.files:
+                with self.fs.open(store.file_path(marker, ref.table), "rb") as f:
+                    return pq.read_schema(f)
+        return None
 
     def read_shard(self, ref: TableRef, dataset: str, shard: int, columns: list[str] | None = None) -> pa.Table:
         """One shard of a table; a missing shard is an error naming it (a stage ran before its input)."""

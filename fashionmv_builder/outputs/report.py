@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
-from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 
 from fashionmv_builder.core.build import (
@@ -46,53 +46,66 @@ LMM_STAGES = tuple(cls.name for cls in PIPELINE if cls.work is Work.LMM)
 # Every stage a product passes, in pipeline order (candidates is where the train/val split happens).
 FUNNEL_STAGES = tuple(cls.name for cls in PIPELINE)
 MAX_BINS = 30
+# The columns the report reads (a table without one of them counts as empty).
+TRIPLET_COLUMNS = [
+    "split",
+    "source_id",
+    "target_id",
+    "views_involved",
+    "modification_text_short",
+    "modification_text_long",
+]
 
 
-def histogram(values: list[int], max_bins: int = MAX_BINS) -> dict:
+def histogram(values: Iterable[int], max_bins: int = MAX_BINS) -> dict:
     """Integer-width bins over whole numbers: bin i counts edges[i] <= v < edges[i + 1] (no bin is ever empty of
     meaning: the width is the smallest integer that fits the range into `max_bins`)."""
-    if not values:
+    numbers = pd.Series(values, dtype="int64")
+    if numbers.empty:
         return {"edges": [], "counts": []}
-    low, high = min(values), max(values)
+    low, high = int(numbers.min()), int(numbers.max())
     width = max(1, math.ceil((high - low + 1) / max_bins))
-    counts = [0] * ((high - low) // width + 1)
-    for v in values:
-        counts[(v - low) // width] += 1
-    return {"edges": [low + i * width for i in range(len(counts) + 1)], "counts": counts}
+    bins = (high - low) // width + 1
+    counts = ((numbers - low) // width).value_counts().reindex(range(bins), fill_value=0)
+    return {"edges": [low + i * width for i in range(bins + 1)], "counts": counts.tolist()}
 
 
-def _words(texts: list[str]) -> dict:
+def _words(texts: pd.Series) -> dict:
     """Word-count summary and histogram; empty when there are no texts."""
-    lengths = [len(t.split()) for t in texts if t is not None]
-    if not lengths:
+    lengths = texts.dropna().str.split().str.len()
+    if lengths.empty:
         return {}
     return {
-        "mean": round(statistics.mean(lengths), 1),
-        "median": statistics.median(lengths),
-        "max": max(lengths),
+        "mean": round(float(lengths.mean()), 1),
+        "median": float(lengths.median()),
+        "max": int(lengths.max()),
         "histogram": histogram(lengths),
     }
 
 
-def count_rejects(rows: list[dict]) -> dict[str, dict[str, int]]:
+def _most_common(values: pd.Series) -> dict[str, int]:
+    """Counts, most frequent first; ties in order of first appearance."""
+    counts = values.value_counts(sort=False).sort_values(ascending=False, kind="stable")
+    return {str(k): int(n) for k, n in counts.items()}
+
+
+def count_rejects(rows: list[dict] | pd.DataFrame) -> dict[str, dict[str, int]]:
     """Reject rows counted per level (product or view) and reason, most frequent first."""
-    by_level: dict[str, Counter[str]] = {}
-    for r in rows:
-        by_level.setdefault(r.get("level") or "product", Counter())[r.get("reason") or "unknown"] += 1
-    return {level: dict(c.most_common()) for level, c in sorted(by_level.items())}
+    frame = pd.DataFrame(rows, columns=["level", "reason"]).fillna({"level": "product", "reason": "unknown"})
+    return {str(level): _most_common(group["reason"]) for level, group in frame.groupby("level", sort=True)}
 
 
-def _count(values: list) -> dict[str, int]:
+def _count(values: pd.Series) -> dict[str, int]:
     """A distribution with string keys in numeric order (so it survives a JSON round trip unchanged)."""
-    return {str(k): n for k, n in sorted(Counter(values).items())}
+    return {str(k): int(n) for k, n in values.value_counts().sort_index().items()}
 
 
-def _columns(build: Build, ref: TableRef, dataset: str, columns: list[str]) -> list[dict]:
-    """Rows of only these columns; none when the table or a column is missing (a stage that never wrote it)."""
+def _frame(build: Build, ref: TableRef, dataset: str, columns: list[str]) -> pd.DataFrame:
+    """Only these columns; none of the rows when the table or a column is missing (a stage that never wrote it)."""
     try:
-        return build.rows(ref, dataset, columns)
+        return build.frame(ref, dataset, columns=columns)
     except (pa.ArrowInvalid, KeyError):
-        return []
+        return pd.DataFrame(columns=columns)
 
 
 def _funnel(build: Build, dataset: str) -> dict:
@@ -100,7 +113,7 @@ def _funnel(build: Build, dataset: str) -> dict:
     for stage in FUNNEL_STAGES:
         stats = build.stats(stage, dataset)
         counts = (stats or {}).get("counts", {})
-        rows = _columns(build, rejects(stage), dataset, ["level", "reason"]) if stats else []
+        rows = _frame(build, rejects(stage), dataset, ["level", "reason"]) if stats else []
         funnel[stage] = {
             "in": counts.get("products_in") if stats else None,
             "out": counts.get("products_out") if stats else None,
@@ -145,21 +158,21 @@ def _lmm_cost(config: RunConfig, build: Build) -> dict:
     return cost
 
 
-def _redundancy(config: RunConfig, build: Build, dataset: str, triplets: list[dict]) -> dict:
+def _redundancy(config: RunConfig, build: Build, dataset: str, triplets: pd.DataFrame) -> dict:
     """Recall of text-only, image-only and composed retrieval on the val split of one dataset."""
-    val = [t for t in triplets if t["split"] == "val"]
-    if not val:
+    val = triplets[triplets["split"] == "val"]
+    if val.empty:
         return {"note": "no val triplets"}
-    gallery = sorted({pid for t in val for pid in (t["source_id"], t["target_id"])})
+    gallery = sorted(set(val["source_id"]) | set(val["target_id"]))
     position = {pid: i for i, pid in enumerate(gallery)}
     embeddings = {r["product_id"]: r for r in build.rows(EMBEDDINGS, dataset)}
     if any(p not in embeddings for p in gallery):
         return {"note": "no embeddings for some val products (candidates stage missing or stale)"}
     image = l2_normalise(np.asarray([embeddings[p]["image"] for p in gallery], dtype=np.float32))
     caption = l2_normalise(np.asarray([embeddings[p]["short_caption"] for p in gallery], dtype=np.float32))
-    text = encode_texts([t["modification_text_short"] for t in val], config.triplets.text_model)
-    source_image = image[[position[t["source_id"]] for t in val]]
-    targets = np.asarray([position[t["target_id"]] for t in val])
+    text = encode_texts(val["modification_text_short"].tolist(), config.triplets.text_model)
+    source_image = image[val["source_id"].map(position).to_numpy()]
+    targets = val["target_id"].map(position).to_numpy()
     runs = {
         "text_only": (text, caption),
         "image_only": (source_image, image),
@@ -187,28 +200,27 @@ def build_report(config: RunConfig) -> dict:
     }
     for source in config.sources:
         dataset = source.dataset
-        triplets = build.rows(TRIPLETS, dataset)
-        products = build.rows(SPLIT_PRODUCTS, dataset)
-        kept = _columns(build, DEDUPE_PRODUCTS, dataset, ["n_views"])
-        captions = _columns(build, CAPTIONS, dataset, ["long_caption", "short_caption"])
+        triplets = _frame(build, TRIPLETS, dataset, TRIPLET_COLUMNS)
+        products = _frame(build, SPLIT_PRODUCTS, dataset, ["split"])
+        kept = _frame(build, DEDUPE_PRODUCTS, dataset, ["n_views"])
+        captions = _frame(build, CAPTIONS, dataset, ["long_caption", "short_caption"])
         funnel = _funnel(build, dataset)
         if all(f["in"] is None for f in funnel.values()):
             continue  # nothing of this dataset was built yet
-        views = Counter("+".join(t["views_involved"]) for t in triplets)
-        sources = Counter(t["source_id"] for t in triplets)
+        views_involved = triplets["views_involved"]
+        view_count = views_involved.map(len)
+        sources = triplets["source_id"].nunique()
         entry = {
-            "products": dict(Counter(p["split"] for p in products)),
-            "triplets": dict(Counter(t["split"] for t in triplets)),
-            "triplets_per_source": round(len(triplets) / len(sources), 2) if sources else 0,
-            "views_per_product": _count([p["n_views"] for p in kept]),
-            "views_involved": dict(views.most_common()),
-            "views_involved_count": _count([len(t["views_involved"]) for t in triplets]),
-            "share_multi_view": round(sum(len(t["views_involved"]) >= 2 for t in triplets) / len(triplets), 4)
-            if triplets
-            else None,
-            "words_short": _words([t["modification_text_short"] for t in triplets]),
-            "words_long": _words([t["modification_text_long"] for t in triplets]),
-            "caption_words": {name: _words([c[f"{name}_caption"] for c in captions]) for name in ("long", "short")},
+            "products": _most_common(products["split"]),
+            "triplets": _most_common(triplets["split"]),
+            "triplets_per_source": round(len(triplets) / sources, 2) if sources else 0,
+            "views_per_product": _count(kept["n_views"]),
+            "views_involved": _most_common(views_involved.map("+".join)),
+            "views_involved_count": _count(view_count),
+            "share_multi_view": round(float((view_count >= 2).mean()), 4) if len(triplets) else None,
+            "words_short": _words(triplets["modification_text_short"]),
+            "words_long": _words(triplets["modification_text_long"]),
+            "caption_words": {name: _words(captions[f"{name}_caption"]) for name in ("long", "short")},
             "hard_negatives": build.read(HARD_NEGATIVES, dataset).num_rows,
             "verifier": _verifier(config, build, dataset),
             "lmm_cost": {},

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import pandas as pd
+
 from fashionmv_builder.outputs.audit.labels import LABELS, SEVERE
 
 # The paper's audit, for comparison (FashionMV, arXiv 2604.10297).
@@ -43,11 +45,14 @@ def score_labels(labelled: list[tuple[str, str, str]], verdicts: dict[tuple[str,
 
     `labelled` is (dataset, product_id, label); `verdicts` maps (dataset, product_id) to "pass"/"remove". Items the
     verifier never judged are counted apart and left out of precision and recall."""
-    n = len(labelled)
-    counts = {label: sum(1 for *_, lab in labelled if lab == label) for label in LABELS}
-    severe = counts["left_right"] + counts["other_severe"]
-    judged = [(lab, verdicts[(d, p)]) for d, p, lab in labelled if (d, p) in verdicts]
-    removed = [lab for lab, verdict in judged if verdict == "remove"]
+    key = ["dataset", "product_id"]
+    judgements = pd.DataFrame([(*k, v) for k, v in verdicts.items()], columns=[*key, "verdict"])
+    items = pd.DataFrame(labelled, columns=[*key, "label"]).merge(judgements, on=key, how="left")
+    n = len(items)
+    per_label = items["label"].value_counts().reindex(list(LABELS), fill_value=0)
+    counts = {label: int(k) for label, k in per_label.items()}
+    judged = items[items["verdict"].notna()]
+    removed = judged[judged["verdict"] == "remove"]
     verifier: dict[str, Any] = {
         "judged": len(judged),
         "no_verdict": n - len(judged),
@@ -55,9 +60,10 @@ def score_labels(labelled: list[tuple[str, str, str]], verdicts: dict[tuple[str,
         "removal_rate": proportion(len(removed), len(judged)),
     }
     for name, positive in (("left_right", ("left_right",)), ("severe", SEVERE)):
-        hits = sum(1 for lab in removed if lab in positive)
-        errors = sum(1 for lab, _ in judged if lab in positive)
+        hits = int(removed["label"].isin(positive).sum())
+        errors = int(judged["label"].isin(positive).sum())
         verifier[name] = {"precision": proportion(hits, len(removed)), "recall": proportion(hits, errors)}
+    severe = counts["left_right"] + counts["other_severe"]
     return {
         "labelled": n,
         "counts": counts,
