@@ -171,7 +171,12 @@ class PrefectRunner(Runner):
         )
         in_flight = self.lmm_shards if stage.work is Work.LMM else 2 * self.cpu_parallel
         # The run's request budget (lmm.max_in_flight) is shared by the shards in flight, each on a client of its own.
-        per_shard = max(1, math.ceil(stage.config.lmm.max_in_flight / in_flight)) if lmm is not None else None
+        per_shard = None
+        if stage.work is Work.LMM and lmm is not None:
+            # The stage's one breaker for the run, made before its shards start on their threads (made lazily, two
+            # threads could each make one), so every shard records into it, as on the command line.
+            lmm.breaker(stage)
+            per_shard = max(1, math.ceil(stage.config.lmm.max_in_flight / in_flight))
         submit_all(shard, [(stage, t, lmm, per_shard) for t in tasks], what=stage.name, in_flight=in_flight)
 
     def report(self, stage: Stage, reports: list[StageReport]) -> None:
