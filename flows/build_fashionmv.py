@@ -34,7 +34,15 @@ from tqdm import tqdm
 from fashionmv_builder import pipeline
 from fashionmv_builder.cli.common import ConfigArg, SetOpt, console, load_run, print_stage, stage_rows
 from fashionmv_builder.core.config import ConfigError, load_config
-from fashionmv_builder.core.executor import LmmRun, Runner, execute_shard, failures, plan_dataset, run_pipeline
+from fashionmv_builder.core.executor import (
+    LmmRun,
+    Runner,
+    execute_shard,
+    failures,
+    plan_dataset,
+    run_pipeline,
+    run_stage,
+)
 from fashionmv_builder.core.shards import ShardMarker
 from fashionmv_builder.core.stage import DatasetPlan, ShardTask, Stage, StageReport, Work
 from fashionmv_builder.lmm.calls import CircuitOpen
@@ -153,7 +161,7 @@ class PrefectRunner(Runner):
 
         @flow(name=stage.name, task_runner=self._task_runner(stage))
         def stage_subflow(datasets: list[str]) -> list[dict]:
-            return [asdict(r) for r in super(PrefectRunner, self).run_stage(stage, datasets, lmm, pilot)]
+            return [asdict(r) for r in run_stage(stage, self, datasets, lmm, pilot)]
 
         return [StageReport(**r) for r in stage_subflow(datasets)]
 

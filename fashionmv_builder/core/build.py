@@ -12,7 +12,7 @@ Every table a stage writes has one constant here (`TableRef`); stages declare wh
 after the build (report, export, publish, audit) reads through `Build` too, so renaming a stage or moving a table
 is one edit in this file. Shard `n` of every stage holds the products of ingest shard `n`.
 
-Why a shard reruns has one answer, `Build.fingerprint`: the sha256 of every input file the shard reads, as its
+Why a shard reruns has one answer, `Build.fingerprints`: the sha256 of every input file the shard reads, as its
 stage declares them (the same shard number of a table, or every shard of it for a dataset-wide read).
 """
 
@@ -182,8 +182,7 @@ class Build:
 
     def stats_modified(self, stage: str, dataset: str) -> dt.datetime | None:
         """When the stage last wrote its stats for the dataset (the end of its last run), in UTC."""
-        store = self.store(stage, dataset)
-        path = f"{store.base}/stats.json"
+        path = self.store(stage, dataset).stats_path
         if not self.fs.exists(path):
             return None
         when = self.fs.modified(path)
@@ -192,15 +191,22 @@ class Build:
     def counts(self, stage: str, dataset: str) -> dict[str, int]:
         return (self.stats(stage, dataset) or {}).get("counts", {})
 
-    def fingerprint(self, reads: Iterable[TableRef], dataset: str, shard: int) -> str | None:
-        """The checksums of every input file a shard reads; None when one of them is not there yet."""
-        parts: dict[str, Any] = {}
-        for ref in reads:
-            markers = self.markers(ref, dataset) if ref.whole else [self.marker(ref, dataset, shard)]
-            if not markers or any(m is None or ref.table not in m.files for m in markers):
-                return None
-            parts[f"{ref}{'*' if ref.whole else ''}"] = [m.files[ref.table].sha256 for m in markers]
-        return digest(parts)
+    def fingerprints(self, reads: Iterable[TableRef], dataset: str, shards: Iterable[int]) -> dict[int, str | None]:
+        """Per shard, the checksums of every input file it reads (None when one of them is not there yet). Each
+        table's markers are read once for all the shards: a whole-dataset read would otherwise read every marker of
+        the table again for every shard."""
+        marked = {ref: {m.shard: m for m in self.markers(ref, dataset)} for ref in reads}
+        result: dict[int, str | None] = {}
+        for shard in shards:
+            parts: dict[str, list[str]] | None = {}
+            for ref, by_shard in marked.items():
+                markers = list(by_shard.values()) if ref.whole else [by_shard.get(shard)]
+                if not markers or any(m is None or ref.table not in m.files for m in markers):
+                    parts = None
+                    break
+                parts[f"{ref}{'*' if ref.whole else ''}"] = [m.files[ref.table].sha256 for m in markers]
+            result[shard] = digest(parts) if parts is not None else None
+        return result
 
     # -- joins every later stage needs ---------------------------------------------------------------------
 
@@ -214,7 +220,7 @@ class Build:
     ) -> dict[str, list[dict]]:
         """The views dedupe kept, per product, in file-name order (as FashionMV's evaluation reads them), each with
         its image bytes from ingest under "bytes". Only the given shards (default: all), only the given products."""
-        wanted = sorted(set(shards)) if shards is not None else [m.shard for m in self.markers("dedupe", dataset)]
+        wanted = sorted(set(shards)) if shards is not None else [m.shard for m in self.markers(DEDUPE_VIEWS, dataset)]
         views: dict[str, list[dict]] = defaultdict(list)
         for shard in wanted:
             kept = self.read_shard(DEDUPE_VIEWS, dataset, shard).to_pylist()

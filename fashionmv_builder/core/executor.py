@@ -111,8 +111,9 @@ def finish_dataset(stage: Stage, plan: DatasetPlan, runtime: dict | None = None)
     store = stage.build.store(stage.name, plan.dataset)
     if plan.whole:
         store.remove_stale(t.shard for t in plan.tasks)
-    extra = {**stage.finish(plan), **(runtime or {})}
-    if not plan.todo:
+    if plan.todo:
+        extra = {**stage.finish(plan), **(runtime or {})}
+    else:
         previous = {k: v for k, v in (store.read_stats() or {}).items() if k not in _STATS_KEYS}
         extra = {**previous, **stage.finish(plan)}
     skipped = len(plan.tasks) - len(plan.todo)

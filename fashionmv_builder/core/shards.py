@@ -101,6 +101,7 @@ class ShardStore:
         self.stage = stage
         self.dataset = dataset
         self.base = f"{self.root}/{stage}/{dataset}"
+        self.stats_path = f"{self.base}/stats.json"
 
     def table_path(self, table: str, shard: int) -> str:
         return f"{self.base}/{table}/part-{shard:05d}.parquet"
@@ -221,7 +222,7 @@ class ShardStore:
 
     def read_stats(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self.fs.cat_file(f"{self.base}/stats.json"))
+            return json.loads(self.fs.cat_file(self.stats_path))
         except (FileNotFoundError, ValueError):
             return None
 
@@ -240,7 +241,7 @@ class ShardStore:
         }
         check_totals(f"{self.stage}/{self.dataset}", totals)
         data = (json.dumps(stats, indent=1) + "\n").encode()
-        path = f"{self.base}/stats.json"
+        path = self.stats_path
         if not (self.fs.exists(path) and self.fs.cat_file(path) == data):
             self.fs.makedirs(self.base, exist_ok=True)  # a dataset with no shard at all (an empty source)
             self.fs.pipe_file(path, data)

@@ -115,12 +115,11 @@ class Stage(ABC):
         if not markers:
             return DatasetPlan(dataset, [], [], error=f"no {primary.stage} shards: run {primary.stage} first")
         tasks = []
-        for marker in markers:
-            fingerprint = self.build.fingerprint(self.reads, dataset, marker.shard)
+        for shard, fingerprint in self.build.fingerprints(self.reads, dataset, [m.shard for m in markers]).items():
             if fingerprint is None:
                 missing = ", ".join(str(r) for r in self.reads)
-                return DatasetPlan(dataset, [], [], error=f"shard {marker.shard}: an input is missing ({missing})")
-            tasks.append(ShardTask(dataset, marker.shard, fingerprint))
+                return DatasetPlan(dataset, [], [], error=f"shard {shard}: an input is missing ({missing})")
+            tasks.append(ShardTask(dataset, shard, fingerprint))
         return DatasetPlan(dataset, tasks, self.pending(tasks))
 
     def pending(self, tasks: list[ShardTask]) -> list[ShardTask]:

@@ -95,7 +95,7 @@ class EmbedStage(Stage):
         captions = {
             r["product_id"]: r
             for r in self.build.read_shard(
-                CAPTIONS, task.dataset, task.shard, columns=["product_id", *_CAPTIONS]
+                CAPTIONS, task.dataset, task.shard, columns=["product_id", "long_caption", "short_caption"]
             ).to_pylist()
         }
         views = self.build.kept_views(task.dataset, [task.shard], products=set(ids))
@@ -116,6 +116,3 @@ class EmbedStage(Stage):
                 }
             )
         return ShardOutput({EMBEDDINGS.table: pa.Table.from_pylist(rows, schema=tables.EMBEDDINGS)}, ledger)
-
-
-_CAPTIONS = ["long_caption", "short_caption"]
