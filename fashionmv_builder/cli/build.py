@@ -61,6 +61,12 @@ def run_stages(
         )
 
 
+def finish_run(cfg: RunConfig, reports: dict[str, list[StageReport]]) -> None:
+    """Say where the outputs are; exit 1 when a stage failed."""
+    console.print(f"outputs under {cfg.output_dir}: <stage>/<dataset>/<table>/part-*.parquet, stats.json per stage")
+    _end(reports)
+
+
 def _end(reports: dict[str, list[StageReport]]) -> None:
     if problems := failures(reports):
         console.print("[red]failed:[/red] " + "; ".join(problems))
@@ -72,9 +78,7 @@ def register(app: typer.Typer) -> None:
     @with_run_config
     def run(cfg: RunConfig, dataset: DatasetOpt = None) -> None:
         """Run every stage of the pipeline in order; shards whose marker matches are skipped."""
-        reports = run_stages(cfg, None, dataset)
-        console.print(f"outputs under {cfg.output_dir}: <stage>/<dataset>/<table>/part-*.parquet, stats.json per stage")
-        _end(reports)
+        finish_run(cfg, run_stages(cfg, None, dataset))
 
     @app.command()
     def stages() -> None:

@@ -40,6 +40,30 @@ def register(app: typer.Typer) -> None:
 
         Console().print_json(json.dumps(score_build(cfg, json.loads(truth.read_text()))))
 
+    @app.command("truth-run")
+    @with_run_config
+    def truth_run(
+        cfg: RunConfig,
+        catalogue: Annotated[Path, typer.Option(help="the sample catalogue (with ground_truth.json)")] = Path(
+            "build/sample-catalogue"
+        ),
+        wrong_share: Annotated[float, typer.Option(min=0, max=1, help="share of products given a wrong claim")] = 0.1,
+        seed: Annotated[int, typer.Option(help="seed of the planted wrong claims")] = 0,
+    ) -> None:
+        """Build the sample with the ground-truth answering server as the LMM (a development tool: its answers come
+        from the catalogue's ground truth, so a build's meaning can be checked). Every stage runs as in `run`."""
+        from fashionmv_builder.cli.build import finish_run, run_stages
+        from fashionmv_builder.devtools.ground_truth_server import MODEL_NAME, serve_ground_truth
+
+        budgets = (cfg.lmm.image_max_pixels, cfg.triplets.candidate_max_pixels)
+        root = Path(cfg.output_dir).resolve()
+        with serve_ground_truth(catalogue, media_root=root, budgets=budgets, wrong_share=wrong_share, seed=seed) as (
+            url,
+            _,
+        ):
+            lmm = cfg.lmm.model_copy(update={"endpoints": (url,), "serve": None, "model": MODEL_NAME})
+            finish_run(cfg, run_stages(cfg.model_copy(update={"lmm": lmm}), None))
+
     @app.command("build-tiny-procir")
     def build_tiny_procir(
         out: Annotated[Path, typer.Option(help="folder to write the model into")] = Path("build/models/tiny-procir"),

@@ -723,18 +723,31 @@ def _draw_ruffle(draw: ImageDraw.ImageDraw, attrs: dict[str, str], view: str, co
     draw.polygon(_sc([*scallops, *top]), fill=_shade(colour), outline=line, width=3)
 
 
+def detail_region(attrs: dict[str, str], render: str) -> str:
+    """What a detail view crops: the pocket, the back detail, the hem, the neckline, or (garments without any of
+    them) a plain part of the body. The ground-truth answering server describes detail views by it."""
+    if render == "detail_back":
+        return "back_detail"
+    if render == "detail_hem":
+        return "hem"
+    if attrs["pocket"] in ("left", "right"):
+        return "pocket"
+    if attrs["back_detail"] not in ("none", NA):
+        return "back_detail"
+    return "neckline" if attrs["category"] in UPPER else "body"
+
+
 def _detail_source(attrs: dict[str, str], render: str) -> tuple[str, Point]:
     """Which S× drawing a detail view crops, and around which point (1× coordinates)."""
     cat = attrs["category"]
-    if render == "detail_back":
+    region = detail_region(attrs, render)
+    if region == "back_detail":
         return "back", _back_centre(attrs)
-    if render == "detail_hem":
+    if region == "hem":
         return "front", (128, _HEM_Y.get(cat, 250))
-    if attrs["pocket"] in ("left", "right"):
+    if region == "pocket":
         return "front", _pocket_centre(attrs["pocket"])
-    if attrs["back_detail"] not in ("none", NA):
-        return "back", _back_centre(attrs)
-    if cat in UPPER:
+    if region == "neckline":
         return "front", (128, 84)
     if cat == "skirt":
         return "front", (128, 250)
@@ -965,17 +978,21 @@ def _file_names(p: _Product, layout: str) -> list[str]:
     return names
 
 
-def _product_dir(out_dir: Path, p: _Product, layout: str) -> Path:
+def _relative_dir(p: _Product, layout: str) -> str:
     pid = str(p.ids[layout])
     if layout == "deepfashion":
-        return out_dir / "deepfashion" / pid.rsplit("/", 1)[0]
+        return f"deepfashion/{pid.rsplit('/', 1)[0]}"
     if layout == "fashion200k":
         gender = p.attrs["gender"]
         category, sub = F200K_CATEGORY[p.attrs["category"]]
-        return out_dir / "fashion200k" / gender / category / sub / pid
+        return f"fashion200k/{gender}/{category}/{sub}/{pid}"
     if layout == "folder":
-        return out_dir / "folder" / pid
-    return out_dir / "manifest" / "images" / _manifest_dir(p)
+        return f"folder/{pid}"
+    return f"manifest/images/{_manifest_dir(p)}"
+
+
+def _product_dir(out_dir: Path, p: _Product, layout: str) -> Path:
+    return out_dir / _relative_dir(p, layout)
 
 
 def _manifest_dir(p: _Product) -> str:
@@ -1178,12 +1195,19 @@ def _product_record(p: _Product) -> dict[str, Any]:
     record.update(
         {
             "views": [s.label for s in p.slots],
+            "renders": [s.render for s in p.slots],  # what each view shows (a detail view: which crop)
+            # FashionGen rows hold only the slots without a file fault
+            "fashiongen_renders": [s.render for s in p.slots if s.fault not in _FILE_FAULTS] if p.split else [],
             "sibling_of": p.base.index if p.base is not None and p.role == "sibling" else None,
             "near_miss_of": p.base.index if p.base is not None and p.role == "near_miss" else None,
             "relisted_of": p.base.index if p.base is not None and p.role == "relisted" else None,
             "differs_in": list(p.differs_in),
             "planted": p.planted,
             "files": {k: list(p.files[k]) for k in LAYOUTS if k in p.files},
+            # per file layout, each slot's file relative to the catalogue folder
+            "paths": {
+                k: [str(Path(_relative_dir(p, k)) / name) for name in p.files[k]] for k in FILE_LAYOUTS if k in p.files
+            },
         }
     )
     return record

@@ -33,7 +33,7 @@ class MediaCache:
         self.share_disk = share_disk
 
     def prepare(self, data: bytes) -> PreparedImage:
-        resized = self._resize(data)
+        resized = fit_to_pixels(data, self.max_pixels)
         digest = hashlib.sha256(resized).hexdigest()
         if not self.share_disk:
             return PreparedImage(digest, "data:image/jpeg;base64," + base64.b64encode(resized).decode())
@@ -44,12 +44,14 @@ class MediaCache:
             atomic_write(path, resized)
         return PreparedImage(digest, path.resolve().as_uri())
 
-    def _resize(self, data: bytes) -> bytes:
-        with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("RGB")
-            scale = math.sqrt(self.max_pixels / (img.width * img.height))
-            if scale < 1:
-                img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
-            out = io.BytesIO()
-            img.save(out, format="JPEG", quality=90)
-            return out.getvalue()
+
+def fit_to_pixels(data: bytes, max_pixels: int) -> bytes:
+    """The JPEG bytes the LMM is sent for an image: at most `max_pixels`, aspect ratio kept."""
+    with Image.open(io.BytesIO(data)) as img:
+        img = img.convert("RGB")
+        scale = math.sqrt(max_pixels / (img.width * img.height))
+        if scale < 1:
+            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
+        out = io.BytesIO()
+        img.save(out, format="JPEG", quality=90)
+        return out.getvalue()
