@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import io
 import json
 import re
 import threading
@@ -40,6 +41,7 @@ import h5py
 import numpy as np
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import PlainTextResponse
+from PIL import Image
 
 from fashionmv_builder.core.config import LmmConfig, TripletsConfig
 from fashionmv_builder.devtools.sample_catalogue import FILE_LAYOUTS, NA, detail_region
@@ -58,6 +60,7 @@ VIEW_OF_RENDER.update({"detail": "detail", "detail_back": "detail", "detail_hem"
 WEARER_LEFT = {"front": "image_right", "full": "image_right", "back": "image_left"}
 FILLER = ("as", "shown", "in", "the", "photos")
 IMAGE_TOKENS = 256  # the estimate of one image's prompt tokens in `usage`
+MAX_SAMPLE_PIXELS = 4096 * 4096  # the sample's images are a few hundred pixels a side
 FASHIONGEN_FILES = {"train": "fashiongen_256_256_train.h5", "val": "fashiongen_256_256_validation.h5"}
 
 
@@ -177,6 +180,18 @@ def _resolve(schema: dict, node: dict) -> dict:
 # -- the catalogue ------------------------------------------------------------------------------------------------
 
 
+def _sendable(data: bytes) -> bool:
+    """False for the sample's planted broken files (ingest rejects them, so they are never sent)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > MAX_SAMPLE_PIXELS:  # the decompression bomb: do not decode it
+                return False
+            img.load()
+            return True
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True)
 class Seen:
     """One image of a request, recognised (or not) by its content."""
@@ -194,10 +209,9 @@ class GroundTruth:
         for product, render, data in self._images(catalogue):
             original = hashlib.sha256(data).hexdigest()
             if original not in prepared:
-                try:
-                    prepared[original] = [hashlib.sha256(fit_to_pixels(data, b)).hexdigest() for b in budgets]
-                except OSError:
-                    prepared[original] = []  # a planted broken file: never sent
+                prepared[original] = (
+                    [hashlib.sha256(fit_to_pixels(data, b)).hexdigest() for b in budgets] if _sendable(data) else []
+                )
             for sent in prepared[original]:
                 self.index.setdefault(sent, {}).setdefault(product, render)
 
@@ -313,7 +327,7 @@ class Answerer:
                 if view.get("view_type") != VIEW_OF_RENDER[render]:
                     wrong.append([where, f"view_type={view.get('view_type')}"])
                 if view.get("wearer_left_on") != wearer_left(render):
-                    wrong.append([where, f"wearer_left_on={view.get('wearer_left_on')}"])
+                    wrong.append([where, f"left_on={view.get('wearer_left_on')}"])
                 wrong += [[where, w] for w in claim_errors(p, render, str(view.get("caption", "")).split())]
             for field in ("long_caption", "short_caption"):
                 wrong += [[field, w] for w in claim_errors(p, None, str(claims.get(field, "")).split())]
