@@ -11,7 +11,8 @@ PYTEST_ARGS ?=
 
 .PHONY: setup venv sample triplets validate test test-fast bench bench-smoke lint clean
 
-setup: $(STAMPS)/venv $(STAMPS)/sample $(STAMPS)/vllm-venv $(STAMPS)/tiny-vlm $(STAMPS)/tiny-procir
+setup: $(STAMPS)/venv $(STAMPS)/sample $(STAMPS)/vllm-venv $(STAMPS)/tiny-vlm $(STAMPS)/tiny-procir \
+	$(STAMPS)/torchvision-overlay
 
 venv: $(STAMPS)/venv
 sample: $(STAMPS)/sample
@@ -91,8 +92,16 @@ clean:
 
 # A tiny random-weight Qwen3.5 (ProCIR backbone) for the evaluator's and trainer's tests on CPU.
 TINY_PROCIR := build/models/tiny-procir
-$(STAMPS)/tiny-procir: $(STAMPS)/venv fashionmv_builder/devtools/tiny_procir.py
+$(STAMPS)/tiny-procir: $(STAMPS)/venv fashionmv_builder/devtools/tiny_procir.py fashionmv_builder/procir/model.py
 	$(BIN)/fashionmv build-tiny-procir --out $(TINY_PROCIR)
+	@touch $@
+
+# PyPI's torchvision beside the main venv's CPU torch (patched as in the vLLM venv), put on PYTHONPATH only by the test
+# that loads a model folder with stock transformers the way FashionMV's evaluate.py does; the main venv stays without.
+TORCHVISION_OVERLAY := build/torchvision-cpu
+$(STAMPS)/torchvision-overlay: $(STAMPS)/venv scripts/patch_torchvision_cpu.py
+	$(BIN)/pip install -q --no-deps --target $(TORCHVISION_OVERLAY) torchvision==0.28.0
+	PYTHONPATH=$(TORCHVISION_OVERLAY) $(BIN)/python scripts/patch_torchvision_cpu.py
 	@touch $@
 
 # Validate a build the way FashionMV does: train ProCIR on its train split, evaluate before and after training on its

@@ -46,6 +46,7 @@ def register(app: typer.Typer) -> None:
         encoding: Annotated[
             str, typer.Option(help="joint (all views in one prompt), meanpool or maxsim (each view alone)")
         ] = "joint",
+        dtype: Annotated[str, typer.Option(help="bf16 (the whole model, as the reference) or fp32")] = "bf16",
         verbose: bool = False,
     ) -> None:
         """Evaluate a ProCIR model with FashionMV's protocol: R@1/5/10 per dataset, written to eval_results.json."""
@@ -55,10 +56,14 @@ def register(app: typer.Typer) -> None:
 
         from fashionmv_builder.procir.evaluate import ENCODINGS, QUERY_MODES, init_distributed
         from fashionmv_builder.procir.evaluate import evaluate as run_eval
+        from fashionmv_builder.procir.model import DTYPES
         from fashionmv_builder.procir.recall import RESULTS_FILE, summary_line
 
-        if mode not in QUERY_MODES or encoding not in ENCODINGS:
-            console.print(f"[red]unknown mode or encoding[/red]: modes {QUERY_MODES}, encodings {ENCODINGS}")
+        if mode not in QUERY_MODES or encoding not in ENCODINGS or dtype not in DTYPES:
+            console.print(
+                f"[red]unknown mode, encoding or dtype[/red]: modes {QUERY_MODES}, encodings {ENCODINGS}, "
+                f"dtypes {tuple(DTYPES)}"
+            )
             raise typer.Exit(2)
         init_distributed()
         results = run_eval(
@@ -73,6 +78,7 @@ def register(app: typer.Typer) -> None:
             device=torch.device(device) if device else None,
             sources_from_queries=sources_from_queries,
             encoding=encoding,
+            dtype=dtype,
         )
         if results is None:
             return  # not rank 0
@@ -103,6 +109,7 @@ def register(app: typer.Typer) -> None:
             int, typer.Option(min=0, help="checkpoint every N steps; rerunning the command resumes from it")
         ] = 0,
         device: Annotated[str | None, typer.Option(help="torch device (default: the GPU if any, else CPU)")] = None,
+        dtype: Annotated[str, typer.Option(help="bf16 (autocast over fp32 weights, as the paper) or fp32")] = "bf16",
         verbose: bool = False,
     ) -> None:
         """Train ProCIR on a build or on FashionMV's files; under torchrun every process takes a slice of each batch."""
@@ -134,6 +141,7 @@ def register(app: typer.Typer) -> None:
                 seed=seed,
                 workers=workers,
                 save_every=save_every,
+                dtype=dtype,
             )
             if build is not None:
                 run_cfg = load_run(build)

@@ -32,6 +32,7 @@ from transformers.utils import is_torchvision_available
 
 from fashionmv_builder.procir.data import MAX_VIEWS, VAL_DATASETS, EvalData, Triplet, load_eval_data, load_views
 from fashionmv_builder.procir.model import (
+    DTYPES,
     MAX_PIXELS,
     MIN_PIXELS,
     ProCIREncoder,
@@ -274,19 +275,22 @@ def evaluate(
     mode: str = "two-turn",
     workers: int = 0,
     device: torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: str = "bf16",
     sources_from_queries: bool = False,
     encoding: str = "joint",
 ) -> list[DatasetRecall] | None:
-    """Load the model and evaluate; rank 0 writes eval_results.json and returns the results, other ranks None."""
+    """Load the model and evaluate; rank 0 writes eval_results.json and returns the results, other ranks None.
+
+    With dtype bf16 the whole model runs in bf16, as in the reference (which does so on CPU too): fp32 can rank a
+    near-tie differently from the reference's numbers."""
     device = device or default_device()
-    # The reference runs the whole model in bf16; on CPU float32 is faster and keeps tests exact.
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; one of {', '.join(DTYPES)}")
     if not is_torchvision_available():
         log.warning("torchvision is not installed: the PIL image processor may differ by one 8-bit level per pixel")
-    encoder = ProCIREncoder.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    encoder = ProCIREncoder.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device).eval()
     data = load_eval_data(data_dir, image_root, datasets)
     results = run_evaluation(encoder, data, datasets, batch_size, mode, workers, sources_from_queries, encoding)
     if results is not None:
-        write_results(output_dir, results)
+        write_results(output_dir, results, dtype=dtype)
     return results

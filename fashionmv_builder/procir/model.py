@@ -36,14 +36,27 @@ ASSISTANT_OPEN = "<|im_start|>assistant\n"
 MIN_PIXELS = 128 * 128
 MAX_PIXELS = 512 * 512
 MAX_VIEWS = 5
+# `--dtype` names; bf16 is the reference's precision for the whole model, in evaluation and training.
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _LEADING_THINK = re.compile(r"^<think>.*?</think>\n\n", re.DOTALL)
 
 Message = dict[str, object]
 Images = Sequence[Image.Image]
 
 
+# What a saved model folder names, so stock transformers (and FashionMV's evaluate.py) load their own classes.
+STOCK_PROCESSOR = "Qwen3VLProcessor"
+STOCK_VIDEO_PROCESSOR = "Qwen3VLVideoProcessor"
+_SHARED_WITH_VIDEO = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")
+
+
 class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
-    """Qwen3VLProcessor without the video slot: the video processor needs torchvision, which we don't install."""
+    """Qwen3VLProcessor without the video slot: the video processor needs torchvision, which we don't install.
+
+    It only ever loads: a saved folder names the stock Qwen3VLProcessor and carries a video processor section (the
+    stock class's defaults, with the image processor's geometry and normalisation), so it is an ordinary Qwen3.5
+    checkpoint for transformers, the Hub and FashionMV's code wherever torchvision is installed.
+    """
 
     # ProcessorMixin takes its sub-processors from this signature, so the video_processor=None passed on is dropped.
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs) -> None:
@@ -54,6 +67,22 @@ class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
             chat_template=chat_template,
             **kwargs,
         )
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        image = out.get("image_processor", {})
+        video = {key: image[key] for key in _SHARED_WITH_VIDEO if key in image}
+        return out | {
+            "processor_class": STOCK_PROCESSOR,
+            "video_processor": {"video_processor_type": STOCK_VIDEO_PROCESSOR, **video},
+        }
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        saved = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        # The base class stamps our class name into tokenizer_config.json; the stock name replaces it.
+        self.tokenizer._set_processor_class(STOCK_PROCESSOR)
+        self.tokenizer.save_pretrained(save_directory)
+        return saved
 
 
 AutoProcessor.register(Qwen3_5Config, ImageOnlyQwen3VLProcessor, exist_ok=True)

@@ -147,10 +147,12 @@ def results_json(results: Sequence[DatasetRecall]) -> dict[str, float]:
     return out
 
 
-def write_results(output_dir: Path, results: Sequence[DatasetRecall]) -> Path:
+def write_results(output_dir: Path, results: Sequence[DatasetRecall], dtype: str | None = None) -> Path:
+    """The reference's keys, plus the precision the model ran in (`dtype`) when given."""
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / RESULTS_FILE
-    path.write_text(json.dumps(results_json(results), indent=2) + "\n")
+    extra = {"dtype": dtype} if dtype else {}
+    path.write_text(json.dumps(results_json(results) | extra, indent=2) + "\n")
     return path
 
 

@@ -15,8 +15,9 @@ batches of a 1-process run with twice the batch size. Gradients are averaged acr
 backward (no DDP wrapper: one step runs three or four forwards through the shared model).
 
 AdamW (lr 1e-5, weight decay 0.01 on matrices only: norms and biases are not decayed, the usual transformer
-practice; the paper does not say), cosine schedule without warm-up, gradient norm clipped at 1.0. On a GPU the
-forward runs under bf16 autocast with fp32 master weights, and gradient checkpointing is on.
+practice; the paper does not say), cosine schedule without warm-up, gradient norm clipped at 1.0. With dtype bf16
+(the default, the paper's precision) the forward runs under bf16 autocast with fp32 master weights: AdamW steps of
+lr 1e-5 would mostly round away in bf16 weights. On a GPU gradient checkpointing is on.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -74,7 +76,7 @@ class TrainConfig(BaseModel):
     seed: int = 0
     workers: int = Field(0, ge=0, description="data-loader processes preparing batches")
     save_every: int = Field(0, ge=0, description="write a resumable checkpoint every this many steps (0: never)")
-    bf16: bool | None = Field(None, description="bf16 autocast; default on a GPU")
+    dtype: Literal["bf16", "fp32"] = Field("bf16", description="bf16: autocast over fp32 master weights")
     gradient_checkpointing: bool | None = Field(None, description="default on a GPU")
 
     def run_identity(self) -> dict:
@@ -264,7 +266,7 @@ def optimise(
         scheduler.load_state_dict(resume["scheduler"])
         start = resume["step"]
     device = encoder.device
-    bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
+    bf16 = cfg.dtype == "bf16"
     encoder.train()
     last: dict = {}
     started = time.perf_counter()
