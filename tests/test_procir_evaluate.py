@@ -78,6 +78,7 @@ def test_evaluate_cli_writes_the_reference_keys(tiny_dir, fixture_dirs, tmp_path
     result = CliRunner().invoke(app, [*args, "--output-dir", str(tmp_path), "--batch-size", "3", "--workers", "1"])
     assert result.exit_code == 0, result.output
     scores = json.loads((tmp_path / "eval_results.json").read_text())
+    assert scores.pop("dtype") == "bf16"  # the reference's precision unless --dtype fp32
     assert list(scores) == EXPECTED_KEYS
     assert all(0 <= v <= 100 for v in scores.values())
     # The query whose target has no images is dropped; the gallery still holds its source.
