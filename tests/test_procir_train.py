@@ -1,6 +1,7 @@
 """The ProCIR trainer on CPU with the tiny random Qwen3.5: losses by hand, schedules, SFT labels, all 16
 configurations, and a 2-process (gloo) step that must equal a 1-process step on the same global batch."""
 
+import dataclasses
 import json
 import math
 import random
@@ -71,22 +72,44 @@ def train_set(train_dirs):
     return load_fashionmv_train(*train_dirs)
 
 
+@pytest.fixture(scope="module")
+def negatives_set(train_set):
+    """The same triplets, each with the hard negatives a build would give it: three other captioned products."""
+    captioned = sorted(pid for _, pid in train_set.captions)
+    negatives = {
+        t.index: [pid for pid in captioned if pid not in (t.source_id, t.target_id)][t.index % 3 :][:3]
+        for t in train_set.triplets
+    }
+    return dataclasses.replace(train_set, hard_negatives=negatives)
+
+
 # ---- losses ---------------------------------------------------------------------------------------------------------
 
 
-def _info_nce_by_hand(x: np.ndarray, y: np.ndarray, tau: float, masked: set[tuple[int, int]]) -> float:
+def _info_nce_by_hand(
+    x: np.ndarray,
+    y: np.ndarray,
+    tau: float,
+    masked: set[tuple[int, int]],
+    extra: np.ndarray | None = None,
+    extra_masked: set[tuple[int, int]] = frozenset(),
+) -> float:
+    """Extra rows are further candidates of the x→y direction (hard negatives); `extra_masked` holds (i, extra j)."""
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
     y = y / np.linalg.norm(y, axis=1, keepdims=True)
     sims = x @ y.T / tau
+    hard = x @ (extra / np.linalg.norm(extra, axis=1, keepdims=True)).T / tau if extra is not None else None
 
-    def direction(s: np.ndarray, mask: set[tuple[int, int]]) -> float:
+    def direction(s: np.ndarray, mask: set[tuple[int, int]], more: np.ndarray | None) -> float:
         losses = []
         for i in range(len(s)):
             kept = [math.exp(s[i, j]) for j in range(len(s)) if (i, j) not in mask]
+            if more is not None:
+                kept += [math.exp(more[i, j]) for j in range(more.shape[1]) if (i, j) not in extra_masked]
             losses.append(-math.log(math.exp(s[i, i]) / sum(kept)))
         return sum(losses) / len(losses)
 
-    return (direction(sims, masked) + direction(sims.T, {(j, i) for i, j in masked})) / 2
+    return (direction(sims, masked, hard) + direction(sims.T, {(j, i) for i, j in masked}, None)) / 2
 
 
 X = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 2.0]])
@@ -104,6 +127,18 @@ def test_duplicate_products_are_not_negatives():
     got = sym_info_nce(torch.tensor(X), torch.tensor(Y), keys, tau=0.07)
     assert got.item() == pytest.approx(_info_nce_by_hand(X, Y, 0.07, {(1, 2), (2, 1)}), rel=1e-5)
     assert got.item() != pytest.approx(_info_nce_by_hand(X, Y, 0.07, set()), rel=1e-3)
+
+
+def test_hard_negatives_are_extra_documents_of_the_query_side_only():
+    keys = ["a", "b", "c"]
+    extra = np.array([[0.5, 0.5], [1.0, -1.0], [0.1, 0.9], [7.0, 7.0]])
+    extra_keys = ["n1", "b", None, "n1"]  # "b" is row 1's own target; None is an empty slot
+    got = sym_info_nce(torch.tensor(X), torch.tensor(Y), keys, 0.07, torch.tensor(extra), extra_keys)
+    masked = {(1, 1)} | {(i, 2) for i in range(3)}
+    want = _info_nce_by_hand(X, Y, 0.07, set(), extra, masked)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    assert got.item() > sym_info_nce(torch.tensor(X), torch.tensor(Y), keys, 0.07).item()  # harder, not easier
+    assert got.item() != pytest.approx(_info_nce_by_hand(X, Y, 0.07, set(), extra), rel=1e-3)  # the mask matters
 
 
 def test_total_loss_weights_doc_and_source_alignment_by_a_quarter():
@@ -203,6 +238,35 @@ def test_every_configuration_trains_two_steps(cfg, tiny_dir, train_set, tmp_path
     assert summary["variant"] == cfg.variant and (tmp_path / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("cfg", all_configurations(batch_size=3, max_steps=2, sft_max_steps=2), ids=lambda c: c.variant)
+def test_every_configuration_trains_with_hard_negatives(cfg, tiny_dir, negatives_set, train_set, tmp_path):
+    assert cfg.negatives_per_triplet(negatives_set) == 1 and cfg.negatives_per_triplet(train_set) == 0
+    cfg = cfg.model_copy(update={"hard_negatives": 2})
+    batch = prepare_contrastive(ProCIREncoder.from_pretrained(tiny_dir).processor, negatives_set, cfg, 0, 2, 0, 1)
+    assert len(batch.negative_keys) == 2 * cfg.batch_size
+    assert batch.negatives["input_ids"].shape[0] == 2 * cfg.batch_size
+    for i, target in enumerate(batch.target_keys):  # each triplet's own negatives, never its target
+        assert target not in batch.negative_keys[2 * i : 2 * i + 2]
+    summary = train(ProCIREncoder.from_pretrained(tiny_dir), negatives_set, cfg, tmp_path)
+    assert summary["hard_negatives"] == {"per_triplet": 2, "triplets_with_some": len(negatives_set.triplets)}
+    entries = list(iter_log(tmp_path))
+    assert len([e for e in entries if e["stage"] == "contrastive"]) == 2
+    assert all(math.isfinite(e["loss_total"]) for e in entries)
+
+
+def test_hard_negatives_raise_the_loss_of_the_same_step(tiny_dir, negatives_set):
+    """The same step with and without the extra documents: more candidates, a larger L_cir; the rest unchanged."""
+    encoder = ProCIREncoder.from_pretrained(tiny_dir).eval()
+    parts = {}
+    for k in (0, 3):
+        cfg = TrainConfig(batch_size=4, hard_negatives=k, dtype="fp32")
+        with torch.no_grad():
+            batch = prepare_contrastive(encoder.processor, negatives_set, cfg, 0, 4, 0, 1)
+            parts[k] = contrastive_loss(encoder, batch, cfg)
+    assert parts[3]["cir"] > parts[0]["cir"]
+    assert parts[3]["doc"] == parts[0]["doc"] and parts[3]["src"] == parts[0]["src"]
+
+
 def test_loader_workers_prepare_the_same_batches(tiny_dir, train_set, tmp_path):
     """Batches prepared in a data-loader process train exactly like batches prepared in the loop."""
     losses = {}
@@ -215,10 +279,14 @@ def test_loader_workers_prepare_the_same_batches(tiny_dir, train_set, tmp_path):
     assert losses[0] == losses[1] and len(losses[0]) == 3
 
 
-def test_an_interrupted_run_resumes_from_its_checkpoint_exactly(tiny_dir, train_set, tmp_path, monkeypatch):
+@pytest.mark.parametrize("negatives", [False, True], ids=["in-batch", "hard-negatives"])
+def test_an_interrupted_run_resumes_from_its_checkpoint_exactly(
+    negatives, tiny_dir, train_set, negatives_set, tmp_path, monkeypatch
+):
     import fashionmv_builder.procir.train as train_module
 
     cfg = TrainConfig(batch_size=3, epochs=2, max_steps=4, sft=True, sft_max_steps=2, save_every=2)
+    train_set = negatives_set if negatives else train_set
     straight = ProCIREncoder.from_pretrained(tiny_dir)
     train(straight, train_set, cfg, tmp_path / "straight")
 
@@ -290,13 +358,23 @@ def test_two_processes_gather_negatives_like_one_process(tiny_dir, train_set):
 def test_training_reads_a_builds_parquet_shards(stage3_build, tiny_dir, tmp_path):
     """The train split of a real build (Stage 3 with the vLLM server): triplets and captions from Parquet, kept views
     written once as files, per-view captions for SFT; then SFT and contrastive steps on it."""
-    from fashionmv_builder.core.build import TRIPLETS, Build
+    from fashionmv_builder.core.build import HARD_NEGATIVES, TRIPLETS, Build
     from fashionmv_builder.procir.train_data import load_build_train
 
     triplets = Build(stage3_build.output_dir).rows(TRIPLETS, "deepfashion")
     train_rows = [t for t in triplets if t["split"] == "train"]
     data = load_build_train(stage3_build, tmp_path / "images")
-    assert len(data.triplets) + sum(data.skipped.values()) == len(train_rows)
+    skipped = sum(n for reason, n in data.skipped.items() if not reason.startswith("negative_"))
+    assert len(data.triplets) + skipped == len(train_rows)
+    # Each triplet's hard negatives are the rejected candidates the build recorded for it, in shown order.
+    shown = {}
+    for r in sorted(Build(stage3_build.output_dir).rows(HARD_NEGATIVES, "deepfashion"), key=lambda r: r["rank_shown"]):
+        shown.setdefault((r["source_id"], r["triplet_id"]), []).append(r["negative_id"])
+    by_pair = {(t["source_id"], t["target_id"]): t["triplet_id"] for t in train_rows}
+    assert data.hard_negatives
+    for t in data.triplets:
+        recorded = shown.get((t.source_id, by_pair[(t.source_id, t.target_id)]), [])
+        assert set(data.hard_negatives.get(t.index, [])) <= set(recorded)
     assert {(t.source_id, t.target_id) for t in data.triplets} <= {(t["source_id"], t["target_id"]) for t in train_rows}
     key = (data.triplets[0].dataset, data.triplets[0].source_id)
     assert data.views[key] and all(p.is_file() for p in data.views[key])
@@ -308,3 +386,4 @@ def test_training_reads_a_builds_parquet_shards(stage3_build, tiny_dir, tmp_path
     cfg = TrainConfig(batch_size=2, max_steps=1, sft=True, sft_max_steps=1)
     summary = train(ProCIREncoder.from_pretrained(tiny_dir), data, cfg, tmp_path / "model")
     assert math.isfinite(summary["sft"]["loss_total"]) and math.isfinite(summary["contrastive"]["loss_total"])
+    assert summary["hard_negatives"]["per_triplet"] == 1  # on by default: the build provides them

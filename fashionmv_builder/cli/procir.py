@@ -110,6 +110,10 @@ def register(app: typer.Typer) -> None:
         ] = 0,
         device: Annotated[str | None, typer.Option(help="torch device (default: the GPU if any, else CPU)")] = None,
         dtype: Annotated[str, typer.Option(help="bf16 (autocast over fp32 weights, as the paper) or fp32")] = "bf16",
+        hard_negatives: Annotated[
+            int | None,
+            typer.Option(min=0, help="a triplet's rejected candidates per step in L_cir (default: 1 with a build)"),
+        ] = None,
         verbose: bool = False,
     ) -> None:
         """Train ProCIR on a build or on FashionMV's files; under torchrun every process takes a slice of each batch."""
@@ -142,6 +146,7 @@ def register(app: typer.Typer) -> None:
                 workers=workers,
                 save_every=save_every,
                 dtype=dtype,
+                hard_negatives=hard_negatives,
             )
             if build is not None:
                 run_cfg = load_run(build)

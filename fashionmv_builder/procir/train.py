@@ -7,6 +7,8 @@
   linearly to 0 at half of training.
 - SFT: the SFT stage (sft.py) first, then contrastive training from its weights.
 Together 2 inits × 8 variants = the paper's 16 configurations.
+- Hard negatives (not in the paper; MegaPairs): k of each triplet's rejected candidates join L_cir as extra documents,
+  drawn afresh every step; on by default (k = 1) only when the data has them (a build's hard_negatives table).
 
 Each step draws the long or the short caption (one coin) and the long or the short modification text (another coin)
 from a generator seeded by (seed, step), the same on every process. A global batch is `batch_size × world` triplets
@@ -53,6 +55,7 @@ log = logging.getLogger("fashionmv")
 LOG_FILE = "train_log.jsonl"
 SUMMARY_FILE = "train_summary.json"
 CHECKPOINT_FILE = "checkpoint.pt"
+DEFAULT_HARD_NEGATIVES = 1  # one extra document per triplet: ~1.5x the document pass (BENCHMARKS.md)
 
 
 class TrainConfig(BaseModel):
@@ -78,6 +81,14 @@ class TrainConfig(BaseModel):
     save_every: int = Field(0, ge=0, description="write a resumable checkpoint every this many steps (0: never)")
     dtype: Literal["bf16", "fp32"] = Field("bf16", description="bf16: autocast over fp32 master weights")
     gradient_checkpointing: bool | None = Field(None, description="default on a GPU")
+    hard_negatives: int | None = Field(
+        None, ge=0, description="hard negatives per triplet in L_cir (None: 1 where the data has them, else 0)"
+    )
+
+    def negatives_per_triplet(self, data: TrainSet) -> int:
+        if self.hard_negatives is not None:
+            return self.hard_negatives
+        return DEFAULT_HARD_NEGATIVES if data.hard_negatives else 0
 
     def run_identity(self) -> dict:
         """What a checkpoint must match to be resumed (not how batches are prepared or how often it is saved)."""
@@ -132,6 +143,9 @@ class ContrastiveBatch:
     keep_ratio: float
     long_text: bool
     long_caption: bool
+    # k slots per triplet (None: the triplet had fewer); the documents of the filled slots, in slot order.
+    negative_keys: list[ProductKey | None] | None = None
+    negatives: BatchFeature | None = None
 
 
 def prepare_contrastive(
@@ -160,6 +174,21 @@ def prepare_contrastive(
     source_images = [load_views(data.views[key]) for key in sources]
     target_images = [load_views(data.views[key]) for key in targets]
     align_src = cfg.align and cfg.mt
+    k = cfg.negatives_per_triplet(data)
+    negative_keys: list[ProductKey | None] | None = None
+    negatives = None
+    if k:
+        # Its own generator, so runs without hard negatives draw exactly what they drew before.
+        pick = random.Random(f"{cfg.seed}:negatives:{step}")
+        negative_keys = []
+        for t in triplets:
+            ids = data.hard_negatives.get(t.index, [])
+            chosen = pick.sample(ids, k) if len(ids) > k else ids
+            negative_keys += [(t.dataset, pid) for pid in chosen] + [None] * (k - len(chosen))
+        filled = [key for key in negative_keys if key is not None]
+        if filled:
+            images = [load_views(data.views[key]) for key in filled]
+            negatives = prepare_docs(processor, images, cot=cot(filled))
     return ContrastiveBatch(
         queries=prepare_queries(processor, source_images, texts, two_turn=cfg.mt, cot=cot(sources)),
         docs=prepare_docs(processor, target_images, cot=cot(targets)),
@@ -170,19 +199,32 @@ def prepare_contrastive(
         keep_ratio=ratio,
         long_text=long_text,
         long_caption=long_caption,
+        negative_keys=negative_keys,
+        negatives=negatives,
     )
 
 
 def contrastive_loss(encoder: ProCIREncoder, batch: ContrastiveBatch, cfg: TrainConfig) -> dict[str, torch.Tensor]:
     s, q = encoder.pooled(batch.queries)
+    doc = encoder.pooled(batch.docs)[1]
+    negatives = None
+    if batch.negative_keys is not None:
+        # Every process sends k rows per triplet to the gather (same shapes everywhere); empty slots stay zero.
+        negatives = doc.new_zeros(len(batch.negative_keys), doc.shape[1])
+        if batch.negatives is not None:
+            filled = [i for i, key in enumerate(batch.negative_keys) if key is not None]
+            index = torch.tensor(filled, device=doc.device)
+            negatives = negatives.index_copy(0, index, encoder.pooled(batch.negatives)[1].to(doc.dtype))
     embeddings = StepEmbeddings(
         query=q,
-        doc=encoder.pooled(batch.docs)[1],
+        doc=doc,
         target_keys=batch.target_keys,
         source_keys=batch.source_keys,
         source=s if cfg.mt else None,
         target_caption=encoder.pooled(batch.target_texts)[1] if batch.target_texts is not None else None,
         source_caption=encoder.pooled(batch.source_texts)[1] if batch.source_texts is not None else None,
+        negatives=negatives,
+        negative_keys=batch.negative_keys,
     )
     return procir_loss(embeddings, cfg.tau, cfg.lambda_doc, cfg.lambda_src)
 
@@ -371,6 +413,10 @@ def train(encoder: ProCIREncoder, data: TrainSet, cfg: TrainConfig, out_dir: Pat
     run = Run(out_dir, record, resume)
     summary: dict = {"variant": cfg.variant, "config": cfg.model_dump(), "triplets": len(data.triplets)}
     summary["skipped"] = dict(data.skipped)
+    summary["hard_negatives"] = {
+        "per_triplet": cfg.negatives_per_triplet(data),
+        "triplets_with_some": sum(1 for t in data.triplets if data.hard_negatives.get(t.index)),
+    }
     if cfg.sft:
         sft_done = resume is not None and resume["stage"] == "contrastive"
         summary["sft"] = (

@@ -2,10 +2,13 @@
 
 Either way the trainer gets the same `TrainSet`: triplets, captions (short and long) per product, image paths per
 product (the first five, as the evaluator lists them), and per-view captions where the source has them (our builds
-do; FashionMV's release may not), which the SFT caption task uses.
+do; FashionMV's release may not), which the SFT caption task uses. A build also gives each triplet its hard
+negatives (the candidates shown with it and not chosen, in shown order); FashionMV's release has none.
 
 A triplet whose source or target has no image or no caption cannot be trained on: it is skipped with a reason, and
-the counts come back so a user sees what was left out (`in = kept + skipped`).
+the counts come back so a user sees what was left out (`in = kept + skipped`). A hard negative without images or
+caption is left out the same way (counted as `negative_no_images` / `negative_no_caption`); with chain-of-thought
+training it gets its caption in the think block like a target, so the block cannot tell positives from negatives.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fashionmv_builder.core.build import CAPTIONS, TRIPLETS, Build
+from fashionmv_builder.core.build import CAPTIONS, HARD_NEGATIVES, TRIPLETS, Build
 from fashionmv_builder.core.config import RunConfig
 from fashionmv_builder.outputs.export import write_product_images
 from fashionmv_builder.procir.data import Caption, Triplet, list_views, read_captions, read_triplets
@@ -35,6 +38,7 @@ class TrainSet:
     views: dict[ProductKey, list[Path]]
     view_captions: dict[ProductKey, list[str]] = field(default_factory=dict)
     skipped: Counter = field(default_factory=Counter)
+    hard_negatives: dict[int, list[str]] = field(default_factory=dict)  # triplet index → product ids, shown order
 
     def products(self) -> list[ProductKey]:
         """Every source and target product, sorted (the SFT caption task's samples)."""
@@ -77,6 +81,7 @@ def load_build_train(config: RunConfig, image_root: Path, split: str = "train") 
     triplets: list[Triplet] = []
     captions: dict[ProductKey, Caption] = {}
     view_captions: dict[ProductKey, list[str]] = {}
+    negative_ids: dict[int, list[str]] = {}
     build = Build(config.output_dir)
     for source in config.sources:
         dataset = source.dataset
@@ -94,7 +99,14 @@ def load_build_train(config: RunConfig, image_root: Path, split: str = "train") 
                     views_involved=tuple(r["views_involved"]),
                 )
             )
-        involved = {pid for r in rows for pid in (r["source_id"], r["target_id"])}
+        index = {r["triplet_id"]: i for i, r in enumerate(rows, len(triplets) - len(rows))}
+        shown = sorted(
+            (r for r in build.rows(HARD_NEGATIVES, dataset) if r["split"] == split and r["triplet_id"] in index),
+            key=lambda r: (r["triplet_id"], r["rank_shown"] is None, r["rank_shown"] or 0),
+        )
+        for r in shown:
+            negative_ids.setdefault(index[r["triplet_id"]], []).append(r["negative_id"])
+        involved = {pid for r in rows for pid in (r["source_id"], r["target_id"])} | {r["negative_id"] for r in shown}
         for c in build.rows(CAPTIONS, dataset):
             if c["product_id"] in involved:
                 key = (dataset, c["product_id"])
@@ -102,7 +114,28 @@ def load_build_train(config: RunConfig, image_root: Path, split: str = "train") 
                 ordered = sorted(c["view_captions"] or [], key=lambda v: v["view_index"])
                 view_captions[key] = [f"{v['view_type']}: {v['caption']}" for v in ordered]
         write_product_images(config, dataset, involved, image_root / dataset)
-    keys = sorted({(t.dataset, pid) for t in triplets for pid in (t.source_id, t.target_id)})
-    views = {key: paths for key in keys if (paths := list_views(image_root, *key))}
+    keys = {(t.dataset, pid) for t in triplets for pid in (t.source_id, t.target_id)}
+    keys |= {(t.dataset, pid) for t in triplets for pid in negative_ids.get(t.index, [])}
+    views = {key: paths for key in sorted(keys) if (paths := list_views(image_root, *key))}
     kept, skipped = _usable(triplets, captions, views)
-    return TrainSet(kept, captions, views, view_captions, skipped)
+    negatives = _usable_negatives(kept, negative_ids, captions, views, skipped)
+    return TrainSet(kept, captions, views, view_captions, skipped, negatives)
+
+
+def _usable_negatives(
+    triplets: Sequence[Triplet],
+    negative_ids: dict[int, list[str]],
+    captions: dict[ProductKey, Caption],
+    views: dict[ProductKey, list[Path]],
+    skipped: Counter,
+) -> dict[int, list[str]]:
+    kept: dict[int, list[str]] = {}
+    for t in triplets:
+        for pid in negative_ids.get(t.index, []):
+            key = (t.dataset, pid)
+            reason = "no_images" if not views.get(key) else "no_caption" if key not in captions else None
+            if reason:
+                skipped[f"negative_{reason}"] += 1
+            else:
+                kept.setdefault(t.index, []).append(pid)
+    return kept
