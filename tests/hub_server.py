@@ -295,6 +295,13 @@ class Handler(BaseHTTPRequestHandler):
         if len(parts) >= 6 and parts[0] in ("datasets", "spaces") and parts[3] == "resolve":
             repo = self._repo(parts[0][:-1], f"{parts[1]}/{parts[2]}")
             return self._resolve(repo, unquote(parts[4]), unquote("/".join(parts[5:])))
+        # Model repos have no type prefix in these two URLs.
+        if len(parts) == 6 and parts[1].endswith(".git") and parts[2:] == ["info", "lfs", "objects", "batch"]:
+            repo = self._repo("model", f"{parts[0]}/{parts[1][:-4]}")
+            return self._lfs_batch(repo, json.loads(body))
+        if len(parts) >= 5 and parts[2] == "resolve":
+            repo = self._repo("model", f"{parts[0]}/{parts[1]}")
+            return self._resolve(repo, unquote(parts[3]), unquote("/".join(parts[4:])))
         raise HubError(404, f"no route for {method} {url.path}")
 
     def _api(self, method: str, repo: Repo, rest: list[str], query: dict[str, list[str]], body: bytes) -> None:

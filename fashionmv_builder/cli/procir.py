@@ -151,13 +151,60 @@ def register(app: typer.Typer) -> None:
             if build is not None:
                 run_cfg = load_run(build)
                 data = load_build_train(run_cfg, Path(run_cfg.output_dir) / "procir" / "images")
+                source = f"build `{run_cfg.name}` (config hash `{run_cfg.config_hash()[:12]}`), train split"
             else:
                 data = load_fashionmv_train(data_dir, image_root, _split_datasets(datasets) if datasets else None)
+                source = f"FashionMV-layout files in `{data_dir}`"
         init_distributed()
         target = torch.device(device) if device else default_device()
         encoder = ProCIREncoder.from_pretrained(model).to(target)
         console.print(f"{cfg.variant}: {len(data.triplets)} triplets (skipped {dict(data.skipped) or 'none'})")
         with one_line_errors(ValueError):
-            summary = run_train(encoder, data, cfg, out)
+            summary = run_train(encoder, data, cfg, out, {"base_model": str(model), "data": source})
         last = summary["contrastive"]
         console.print(f"{last['step'] + 1} steps, last loss {last['loss_total']:.4f}; model and log in {out}")
+
+    @app.command("publish-model")
+    def publish_model(
+        model_dir: Annotated[Path, typer.Argument(help="a model folder `fashionmv train` wrote")],
+        repo_id: Annotated[str, typer.Option("--repo-id", help="Hub model repo, ORG/NAME")],
+        base_model: Annotated[
+            str | None, typer.Option(help="Hub id of the base model (default: what train recorded)")
+        ] = None,
+        data_repo: Annotated[str | None, typer.Option(help="Hub dataset repo the model was trained on")] = None,
+        data_revision: Annotated[str | None, typer.Option(help="its revision (branch, tag or commit)")] = None,
+        results: Annotated[
+            list[Path] | None, typer.Option(help="eval_results.json to publish (repeat; default: MODEL_DIR's)")
+        ] = None,
+        private: Annotated[bool, typer.Option("--private", help="create the repo private")] = False,
+        revision: Annotated[str, typer.Option(help="branch to publish to (created if missing)")] = "main",
+        licence: Annotated[str, typer.Option("--license", help="Hub licence id of the weights")] = "apache-2.0",
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="stage in MODEL_DIR/.publish, upload nothing")] = False,
+    ) -> None:
+        """Publish a trained ProCIR model to a Hugging Face Hub model repo with a model card (token: HF_TOKEN)."""
+        from huggingface_hub.errors import HfHubHTTPError
+
+        from fashionmv_builder.outputs.hub.model_repo import ModelPublishOptions
+        from fashionmv_builder.outputs.hub.model_repo import publish_model as run_publish
+        from fashionmv_builder.outputs.hub.upload import UploadError
+
+        options = ModelPublishOptions(
+            repo_id,
+            base_model=base_model,
+            data_repo=data_repo,
+            data_revision=data_revision,
+            results=results or [],
+            private=private,
+            revision=revision,
+            licence=licence,
+        )
+        with one_line_errors(ConfigError, UploadError, HfHubHTTPError):
+            where, result = run_publish(model_dir, options, dry_run=dry_run)
+        if result is None:
+            console.print(f"staged in {where} (dry run: nothing uploaded)")
+            return
+        plan = result.plan
+        console.print(
+            f"{repo_id}@{revision}: {len(plan.upload)} file(s) uploaded ({plan.bytes} bytes), "
+            f"{len(plan.unchanged)} unchanged, {len(result.commits)} commit(s)"
+        )

@@ -383,11 +383,14 @@ def run_contrastive(encoder: ProCIREncoder, data: TrainSet, cfg: TrainConfig, ru
     return optimise(encoder, cfg, "contrastive", steps, make, loss_of, cfg.batch_size * world, run)
 
 
-def train(encoder: ProCIREncoder, data: TrainSet, cfg: TrainConfig, out_dir: Path) -> dict:
+def train(
+    encoder: ProCIREncoder, data: TrainSet, cfg: TrainConfig, out_dir: Path, provenance: dict | None = None
+) -> dict:
     """SFT (if on), then contrastive training; rank 0 saves the model, the step log and a summary in `out_dir`.
 
     If `out_dir` holds a checkpoint of the same configuration (`save_every`), training resumes from it: the same
-    batches, learning rates and optimiser state as an uninterrupted run. The checkpoint is removed at the end."""
+    batches, learning rates and optimiser state as an uninterrupted run. The checkpoint is removed at the end.
+    `provenance` (base model, training data) goes into the summary, where the model card reads it."""
     if not data.triplets:
         raise ValueError(f"no usable training triplets (skipped: {dict(data.skipped) or 'none'})")
     rank, _ = process_rank()
@@ -412,6 +415,7 @@ def train(encoder: ProCIREncoder, data: TrainSet, cfg: TrainConfig, out_dir: Pat
 
     run = Run(out_dir, record, resume)
     summary: dict = {"variant": cfg.variant, "config": cfg.model_dump(), "triplets": len(data.triplets)}
+    summary |= provenance or {}
     summary["skipped"] = dict(data.skipped)
     summary["hard_negatives"] = {
         "per_triplet": cfg.negatives_per_triplet(data),

@@ -1,4 +1,4 @@
-"""Upload a folder to a Hub dataset repo: only what the repo does not already hold, in commits of at most
+"""Upload a folder to a Hub dataset (or model) repo: only what the repo does not already hold, in commits of at most
 `MAX_FILES_PER_COMMIT` files, retrying 429 and 5xx answers with exponential backoff.
 
 Resuming needs no local state: before each commit the repo's tree is listed and every file whose sha256 (LFS) or git
@@ -167,11 +167,13 @@ def local_files(folder: Path) -> list[LocalFile]:
     return files
 
 
-def remote_files(api: HfApi, repo_id: str, revision: str, policy: RetryPolicy) -> dict[str, tuple[str | None, str]]:
+def remote_files(
+    api: HfApi, repo_id: str, revision: str, policy: RetryPolicy, repo_type: str = REPO_TYPE
+) -> dict[str, tuple[str | None, str]]:
     """path → (sha256 of LFS files or None, git blob id) of every file of the revision."""
 
     def listing() -> dict[str, tuple[str | None, str]]:
-        entries = api.list_repo_tree(repo_id, repo_type=REPO_TYPE, revision=revision, recursive=True)
+        entries = api.list_repo_tree(repo_id, repo_type=repo_type, revision=revision, recursive=True)
         return {
             e.path: (e.lfs.sha256 if e.lfs else None, e.blob_id)
             for e in entries
@@ -181,8 +183,11 @@ def remote_files(api: HfApi, repo_id: str, revision: str, policy: RetryPolicy) -
     return with_retries(listing, policy, "listing the repo")
 
 
-def plan_upload(files: list[LocalFile], remote: dict[str, tuple[str | None, str]]) -> UploadPlan:
-    """What to send (new or changed), what is already there, and which data files the repo no longer needs."""
+def plan_upload(
+    files: list[LocalFile], remote: dict[str, tuple[str | None, str]], delete_under: str | None = DATA
+) -> UploadPlan:
+    """What to send (new or changed), what is already there, and which files under `delete_under` the repo no longer
+    needs (None: delete nothing)."""
     plan = UploadPlan()
     for f in files:
         sha256, blob_id = remote.get(f.path, (None, None))
@@ -191,7 +196,8 @@ def plan_upload(files: list[LocalFile], remote: dict[str, tuple[str | None, str]
         else:
             plan.upload.append(f)
     local = {f.path for f in files}
-    plan.delete = sorted(p for p in remote if p.startswith(f"{DATA}/") and p not in local)
+    if delete_under is not None:
+        plan.delete = sorted(p for p in remote if p.startswith(f"{delete_under}/") and p not in local)
     return plan
 
 
@@ -218,35 +224,38 @@ def _commit(
     revision: str,
     message: str,
     policy: RetryPolicy,
+    repo_type: str = REPO_TYPE,
 ) -> str:
     def attempt() -> str:
         # Fresh operations on every attempt (the client mutates them); a deletion that already happened (a lost
         # answer to an earlier attempt) is left out.
-        present = remote_files(api, repo_id, revision, policy) if deletions else {}
+        present = remote_files(api, repo_id, revision, policy, repo_type) if deletions else {}
         operations: list[CommitOperationAdd | CommitOperationDelete] = [
             CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=str(folder / f.path)) for f in files
         ]
         operations += [CommitOperationDelete(path_in_repo=p) for p in deletions if p in present]
         info = api.create_commit(
-            repo_id, operations, commit_message=message, repo_type=REPO_TYPE, revision=revision, num_threads=2
+            repo_id, operations, commit_message=message, repo_type=repo_type, revision=revision, num_threads=2
         )
         return info.oid
 
     return with_retries(attempt, policy, f"commit {message!r}")
 
 
-def prepare_repo(api: HfApi, repo_id: str, *, private: bool, revision: str, policy: RetryPolicy) -> None:
-    """Create the dataset repo (and branch) if needed; refuse to publish a --private build into a public repo."""
+def prepare_repo(
+    api: HfApi, repo_id: str, *, private: bool, revision: str, policy: RetryPolicy, repo_type: str = REPO_TYPE
+) -> None:
+    """Create the repo (and branch) if needed; refuse to publish a --private build into a public repo."""
     with_retries(
-        lambda: api.create_repo(repo_id, repo_type=REPO_TYPE, private=private, exist_ok=True), policy, "create repo"
+        lambda: api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True), policy, "create repo"
     )
     if private:
-        info = with_retries(lambda: api.repo_info(repo_id, repo_type=REPO_TYPE), policy, "repo info")
+        info = with_retries(lambda: api.repo_info(repo_id, repo_type=repo_type), policy, "repo info")
         if not info.private:
             raise UploadError(f"{repo_id} exists and is public: make it private first, or publish without --private")
     if revision != "main":
         with_retries(
-            lambda: api.create_branch(repo_id, branch=revision, repo_type=REPO_TYPE, exist_ok=True),
+            lambda: api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True),
             policy,
             "create branch",
         )
@@ -261,10 +270,12 @@ def upload_folder(
     private: bool = False,
     message: str = "Publish build",
     policy: RetryPolicy = RetryPolicy(),
+    repo_type: str = REPO_TYPE,
+    delete_under: str | None = DATA,
 ) -> UploadResult:
-    """Make the repo's revision hold exactly the folder's files (and nothing else under data/)."""
-    prepare_repo(api, repo_id, private=private, revision=revision, policy=policy)
-    plan = plan_upload(local_files(folder), remote_files(api, repo_id, revision, policy))
+    """Make the repo's revision hold the folder's files (and nothing else under `delete_under`)."""
+    prepare_repo(api, repo_id, private=private, revision=revision, policy=policy, repo_type=repo_type)
+    plan = plan_upload(local_files(folder), remote_files(api, repo_id, revision, policy, repo_type), delete_under)
     log.info(
         "%d files to upload (%d bytes), %d unchanged, %d to delete",
         *(len(plan.upload), plan.bytes, len(plan.unchanged), len(plan.delete)),
@@ -273,5 +284,5 @@ def upload_folder(
     commits = []
     for i, (files, deletions) in enumerate(batches, 1):
         title = message if len(batches) == 1 else f"{message} ({i}/{len(batches)})"
-        commits.append(_commit(api, repo_id, folder, files, deletions, revision, title, policy))
+        commits.append(_commit(api, repo_id, folder, files, deletions, revision, title, policy, repo_type))
     return UploadResult(plan, commits)
