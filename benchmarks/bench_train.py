@@ -35,6 +35,9 @@ VARIANTS = {
     "mt": {"mt": True, "align": False},
     "mt+align": {"mt": True, "align": True},
     "mt+align+cot": {"mt": True, "align": True, "cot": True},
+    # MegaPairs-style mined negatives: k of a triplet's rejected candidates as extra documents per step.
+    "mt+align+hn1": {"mt": True, "align": True, "hard_negatives": 1},
+    "mt+align+hn3": {"mt": True, "align": True, "hard_negatives": 3},
     "sft stage": {"sft": True},
 }
 WORDS = [
@@ -110,7 +113,11 @@ def _run_variant(model: str, dirs: tuple[Path, Path], flags: dict, args: dict, o
     cfg = TrainConfig(batch_size=args["batch_size"], max_steps=steps, sft_max_steps=steps, **flags)
     if cfg.sft:  # time the SFT stage alone: one contrastive step after it is part of train()
         cfg = cfg.model_copy(update={"max_steps": 1})
-    train(encoder, load_fashionmv_train(*dirs), cfg, out)
+    data = load_fashionmv_train(*dirs)
+    if cfg.hard_negatives:  # FashionMV's files have none: three other products per triplet, as a build gives
+        ids = sorted({t.source_id for t in data.triplets})
+        data.hard_negatives = {t.index: [ids[(t.index + j) % len(ids)] for j in (2, 3, 4)] for t in data.triplets}
+    train(encoder, data, cfg, out)
     entries = [e for e in iter_log(out) if e["stage"] == ("sft" if cfg.sft else "contrastive")]
     timed = entries[1:] or entries
     return {
