@@ -53,7 +53,7 @@ def ground_truth_build(folder: Path, products: int) -> dict:
             "workers": 2,
             "sources": [{"kind": "deepfashion", "dataset": DATASET, "root": str(catalogue / "deepfashion")}],
             "lmm": {"endpoints": [url], "model": MODEL_NAME, "words": WORDS, "breaker_min_products": 50},
-            "triplets": {"val_ratio": 0.3},
+            "triplets": {"val_ratio": 0.3, "top_k": 4},  # narrow mining: siblings are shown (configs/ground-truth.yaml)
         }
         run_local(validate_config(config))
     return config

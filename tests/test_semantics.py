@@ -85,7 +85,7 @@ def truth_build(sample_catalogue: Path, tmp_path_factory) -> Iterator[tuple[RunC
                 },
             ],
             "lmm": {"endpoints": [url], "model": MODEL_NAME, "words": WORDS, "breaker_min_products": 50},
-            "triplets": {"val_ratio": 0.3},
+            "triplets": {"val_ratio": 0.3, "top_k": 4},  # narrow mining: siblings are shown (configs/ground-truth.yaml)
         }
         path = base / "truth.yaml"
         path.write_text(json.dumps(config))

@@ -286,3 +286,85 @@ def test_select_sizes_its_request_from_the_candidates_it_shows(tmp_path):
     [a], [b] = build_stages(few, ["select"]), build_stages(many, ["select"])
     assert (a.largest_request().images, b.largest_request().images) == (15, 55)
     assert b.largest_request().tokens > a.largest_request().tokens
+
+
+def _answers(out: Path, stage: str) -> int:
+    """Answers stored by a stage, its canaries left out."""
+    return sum(1 for p in (out / stage / "_answers").rglob("*.json") if '"canary": true' not in p.read_text())
+
+
+@pytest.mark.slow
+def test_the_run_swaps_served_models_between_stages_and_resumes_after_a_kill_with_the_right_one(
+    deduped_small, tmp_path
+):
+    """caption and verify each with a `serve` spec (two architectures); the run starts the first, stops it, starts
+    the second; kill -9 between the stages; the rerun asks no caption and no stored verdict again."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fashionmv_builder.lmm.server import free_port
+
+    models = Path(__file__).resolve().parents[1] / "build" / "models"
+
+    def serve(model: str, name: str) -> dict:
+        env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+        return {
+            "model": str(models / model),
+            "served_name": name,
+            "port": free_port(),
+            "python": str(VLLM_PYTHON),
+            "dtype": "float32",
+            "env": env,
+        }
+
+    first, second = serve("tiny-qwen2.5-vl", "tiny-vlm"), serve("tiny-qwen2-vl", "tiny-vlm2")
+    out = tmp_path / "out"
+    config = _config(out, deduped_small)
+    config["lmm"] = {"serve": first, "words": SMALL_WORDS, "send_seed": False, "breaker_min_products": 1000}
+    config["verify"]["lmm"] = {"serve": second, "model": "tiny-vlm2"}
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps(config))
+    fashionmv = str(Path(sys.executable).parent / "fashionmv")
+    for stage in ("ingest", "dedupe"):
+        subprocess.run([fashionmv, stage, str(path)], check=True, capture_output=True, timeout=600)
+    command = [fashionmv, "run", str(path)]
+
+    pidfile = out / "_lmm_server" / "vllm.pid.json"
+    log = (tmp_path / "first.log").open("wb")
+    run = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 900
+        while True:  # until the verify server is up: captions done, their server stopped
+            assert run.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the verify server did not come up"
+            record = json.loads(pidfile.read_text()) if pidfile.exists() else {}
+            if record.get("model", "").endswith("tiny-qwen2-vl") and record.get("members"):
+                break
+            time.sleep(1)
+        assert (out / "caption" / "deepfashion" / "stats.json").exists()
+        with pytest.raises(httpx.HTTPError):  # one machine, one server: the caption server is gone
+            httpx.get(f"http://127.0.0.1:{first['port']}/health", timeout=2)
+        os.killpg(run.pid, signal.SIGKILL)  # the run dies; its verify server (own session) is left behind
+        run.wait(timeout=30)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    stored = {stage: _answers(out, stage) for stage in ("caption", "verify")}
+    build = Build(str(out))
+    verified_before = {m.shard for m in build.markers("verify", "deepfashion")}
+
+    rerun = subprocess.run([fashionmv, "verify", str(path)], capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    counts = {stage: build.counts(stage, "deepfashion") for stage in ("caption", "verify")}
+    assert _answers(out, "caption") == stored["caption"] == counts["caption"]["requests_sent"]
+    # the rerun asked only what the first run had not stored, and with the verify stage's own model
+    redone = [m for m in build.markers("verify", "deepfashion") if m.shard not in verified_before]
+    assert _answers(out, "verify") - stored["verify"] == sum(m.counts["requests_sent"] for m in redone) > 0
+    assert counts["verify"]["products_in"] == counts["caption"]["products_out"]
+    assert {r["model"] for r in build.rows(VERDICTS, "deepfashion")} == {"tiny-vlm2"}
+    assert {r["model"] for r in build.rows(CAPTIONS, "deepfashion")} == {"tiny-vlm"}
+    assert not pidfile.exists()  # the rerun stopped its server (and reaped or reused the one left behind)
