@@ -9,9 +9,9 @@ SAMPLE_PRODUCTS ?= 200
 SAMPLE_SEED ?= 0
 PYTEST_ARGS ?=
 
-.PHONY: setup venv sample triplets validate test test-fast bench bench-smoke lint clean
+.PHONY: setup venv sample triplets truth-triplets validate test test-fast bench bench-smoke lint clean
 
-setup: $(STAMPS)/venv $(STAMPS)/sample $(STAMPS)/vllm-venv $(STAMPS)/tiny-vlm $(STAMPS)/tiny-procir \
+setup: $(STAMPS)/venv $(STAMPS)/sample $(STAMPS)/vllm-venv $(STAMPS)/tiny-vlm $(STAMPS)/tiny-vlm2 $(STAMPS)/tiny-procir \
 	$(STAMPS)/torchvision-overlay
 
 venv: $(STAMPS)/venv
@@ -33,6 +33,11 @@ $(STAMPS)/vllm-venv: scripts/setup-vllm-venv.sh scripts/patch_torchvision_cpu.py
 TINY_VLM := build/models/tiny-qwen2.5-vl
 $(STAMPS)/tiny-vlm: $(STAMPS)/vllm-venv fashionmv_builder/devtools/tiny_vlm.py
 	HF_HUB_OFFLINE=1 .venv-vllm/bin/python fashionmv_builder/devtools/tiny_vlm.py $(TINY_VLM)
+	@touch $@
+
+# A second architecture (tiny random Qwen2-VL): tests run stages on two different models at once.
+$(STAMPS)/tiny-vlm2: $(STAMPS)/vllm-venv fashionmv_builder/devtools/tiny_vlm.py
+	HF_HUB_OFFLINE=1 .venv-vllm/bin/python fashionmv_builder/devtools/tiny_vlm.py build/models/tiny-qwen2-vl qwen2-vl
 	@touch $@
 
 $(STAMPS)/sample: $(STAMPS)/venv fashionmv_builder/devtools/sample_catalogue.py
@@ -113,12 +118,24 @@ VALIDATE_MODEL ?= $(TINY_PROCIR)
 VALIDATE_ARGS ?= --max-steps 20 --batch-size 4
 validate: setup
 	@test -d build/sample/select || [ "$(VALIDATE_CONFIG)" != configs/sample.yaml ] || $(MAKE) triplets
+	@test -d build/truth/select || [ "$(VALIDATE_CONFIG)" != configs/ground-truth.yaml ] || $(MAKE) truth-triplets
 	$(BIN)/fashionmv export-fashionmv $(VALIDATE_CONFIG) --to $(VALIDATE_DIR)/export
 	$(BIN)/fashionmv evaluate --model $(VALIDATE_MODEL) --data-dir $(VALIDATE_DIR)/export \
 		--image-root $(VALIDATE_DIR)/export/images --output-dir $(VALIDATE_DIR)/before
 	$(BIN)/fashionmv train --build $(VALIDATE_CONFIG) --model $(VALIDATE_MODEL) --out $(VALIDATE_DIR)/model $(VALIDATE_ARGS)
 	$(BIN)/fashionmv evaluate --model $(VALIDATE_DIR)/model --data-dir $(VALIDATE_DIR)/export \
 		--image-root $(VALIDATE_DIR)/export/images --output-dir $(VALIDATE_DIR)/after
+	@echo "before: $(VALIDATE_MODEL) as given, scored on the build's val split (FashionMV's protocol: source views +"
+	@echo "        modification text -> the target among every val product of its dataset; R@K in percent)."
+	@echo "after:  the same model trained on the build's train split ($(VALIDATE_ARGS)), scored the same way."
+	@echo "Files: $(VALIDATE_DIR)/before/eval_results.json, $(VALIDATE_DIR)/after/eval_results.json."
+	@echo "With the tiny random model only a ground-truth build (configs/ground-truth.yaml) can show a real gain;"
+	@echo "benchmarks/bench_learns.py measures it against a shuffled-text control (BENCHMARKS.md)."
+
+# The sample built with the ground-truth answering server (a development tool) as its LMM: a build whose captions,
+# verdicts and triplets mean what the sample's truth says, for `make validate VALIDATE_CONFIG=configs/ground-truth.yaml`.
+truth-triplets: setup
+	$(BIN)/fashionmv truth-run configs/ground-truth.yaml
 
 # ---- Prefect: the flow build-fashionmv (flows/build_fashionmv.py) on a local server; README, "Running on Prefect" --
 # Each target stays in the foreground: `make prefect-server` in one terminal, `make prefect-worker` (or

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks import bench_dedupe, bench_eval, bench_ingest, bench_lmm, bench_train
+from benchmarks import bench_dedupe, bench_eval, bench_ingest, bench_learns, bench_lmm, bench_train
 
 
 def main() -> None:
@@ -20,6 +20,7 @@ def main() -> None:
     bench_lmm.main(smoke=args.smoke)
     bench_eval.main(smoke=args.smoke)
     bench_train.main(smoke=args.smoke)
+    bench_learns.main(smoke=args.smoke)
 
 
 if __name__ == "__main__":

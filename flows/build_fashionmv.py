@@ -184,7 +184,9 @@ class PrefectRunner(Runner):
             # The stage's one breaker for the run, made before its shards start on their threads (made lazily, two
             # threads could each make one), so every shard records into it, as on the command line.
             lmm.breaker(stage)
-            per_shard = max(1, math.ceil(stage.config.lmm.max_in_flight / in_flight))
+            if tasks:
+                lmm.endpoints  # noqa: B018  (starts the stage's server here, not in one of the shards' threads)
+            per_shard = max(1, math.ceil(stage.lmm.max_in_flight / in_flight))  # type: ignore[attr-defined]
         submit_all(shard, [(stage, t, lmm, per_shard) for t in tasks], what=stage.name, in_flight=in_flight)
 
     def report(self, stage: Stage, reports: list[StageReport]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import Annotated
 
 import typer
@@ -39,7 +40,12 @@ def _print_cost(stage: Stage, reports: list[StageReport], pilot: float | None) -
     tokens_out = sum(r.counts.get("tokens_out", 0) for r in reports)
     seconds = max((r.stats.get("server_seconds", 0) for r in reports), default=0)
     name = stage.name
-    console.print(f"{name}: {done} products, {tokens_in} tokens in, {tokens_out} out, {seconds:.0f} server-seconds")
+    price = stage.lmm.price  # type: ignore[attr-defined]
+    money = price.cost(tokens_in, tokens_out, seconds)
+    console.print(
+        f"{name} ({stage.lmm.model}): {done} products, {tokens_in} tokens in, {tokens_out} out, "  # type: ignore[attr-defined]
+        f"{seconds:.0f} server-seconds, {money:.4g} {price.currency}"
+    )
     if pilot is None or not done:
         return
     source = stage.reads[0].stage
@@ -47,7 +53,7 @@ def _print_cost(stage: Stage, reports: list[StageReport], pilot: float | None) -
     scale = total / done
     console.print(
         f"{name} projected for all {total} products: {tokens_in * scale:.3g} tokens in, {tokens_out * scale:.3g} out, "
-        f"{seconds * scale / 3600:.3g} server-hours on this server"
+        f"{seconds * scale / 3600:.3g} server-hours on this server, {money * scale:.4g} {price.currency}"
     )
 
 
@@ -96,21 +102,40 @@ def register(app: typer.Typer) -> None:
     @with_run_config
     def serve_lmm(
         cfg: RunConfig,
+        stage: Annotated[
+            str | None, typer.Option(help="the LMM stage whose server to start (caption, verify, select)")
+        ] = None,
         stop: Annotated[bool, typer.Option("--stop", help="stop the server this config started")] = False,
+        print_command: Annotated[
+            bool, typer.Option("--print-command", help="print the vllm command line (sized from the stages) and exit")
+        ] = False,
     ) -> None:
-        """Start the vLLM server of the config's lmm.serve section and leave it running (or --stop it)."""
+        """Start the vLLM server of the config's lmm.serve section (or a stage's own) and leave it running."""
         from fashionmv_builder.lmm.server import ServerError
         from fashionmv_builder.lmm.serving import server_for
 
         with one_line_errors(ServerError, ConfigError):
-            server = server_for(cfg)
+            lmm = cfg.lmm
+            if stage is not None:
+                try:
+                    found = pipeline.stage_class(stage)
+                except KeyError as err:
+                    raise ConfigError(f"--stage: {err.args[0]}") from None
+                if found.work is not Work.LMM:
+                    raise ConfigError(f"--stage {stage}: not an LMM stage")
+                lmm = found(cfg).lmm
+            server = server_for(cfg, lmm)
+            if print_command:
+                console.print(shlex.join(server.spec.command()), soft_wrap=True, highlight=False)
+                return
             if stop:
                 server.stop()
                 console.print("stopped")
                 return
-            url = server.start(timeout_s=cfg.lmm.serve.startup_timeout_s)
+            assert lmm is not None and lmm.serve is not None  # server_for checked
+            url = server.start(timeout_s=lmm.serve.startup_timeout_s)
         console.print(
-            f"vLLM serving {cfg.lmm.serve.served_name!r} at {url} (pidfile {server.pidfile}, log {server.logfile})"
+            f"vLLM serving {lmm.serve.served_name!r} at {url} (pidfile {server.pidfile}, log {server.logfile})"
         )
 
 

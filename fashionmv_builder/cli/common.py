@@ -90,10 +90,19 @@ def run_errors() -> tuple[type[BaseException], ...]:
     from fashionmv_builder.core.lock import BuildLocked
     from fashionmv_builder.core.shards import CorruptShardError
     from fashionmv_builder.lmm.calls import CircuitOpen
-    from fashionmv_builder.lmm.client import LmmUnreachable
+    from fashionmv_builder.lmm.client import LmmRefused, LmmUnreachable
     from fashionmv_builder.lmm.server import ServerError
 
-    return (ConfigError, BuildLocked, CorruptShardError, LmmUnreachable, CircuitOpen, ServerError, openai.APIError)
+    return (
+        ConfigError,
+        BuildLocked,
+        CorruptShardError,
+        LmmUnreachable,
+        LmmRefused,
+        CircuitOpen,
+        ServerError,
+        openai.APIError,
+    )
 
 
 def exit_on_sigterm() -> None:

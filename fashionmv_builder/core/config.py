@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from fashionmv_builder.data_schema.lmm_answers import WordBounds
 
@@ -135,11 +135,25 @@ class LmmServeConfig(_Strict):
     python: Path = Path("../.venv-vllm/bin/python")  # the vLLM venv's interpreter
     port: int = Field(default=8011, gt=0, lt=65536)
     dtype: str = "auto"
-    max_model_len: int = Field(default=16384, gt=0)
-    max_images: int = Field(default=60, gt=0)  # Stage 3 shows a source and 10 candidates of up to 5 views
+    # None: sized from the stages it serves, to hold their largest request (lmm/serving.py)
+    max_model_len: int | None = Field(default=None, gt=0)
+    max_images: int | None = Field(default=None, gt=0)
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = Field(default_factory=dict)
     startup_timeout_s: float = Field(default=600.0, gt=0)
+
+
+class LmmPrice(_Strict):
+    """What a stage's model costs: tokens on a hosted service, or hours of one's own GPUs (or both)."""
+
+    input_per_million: float = Field(default=0.0, ge=0)  # per million prompt tokens
+    output_per_million: float = Field(default=0.0, ge=0)  # per million completion tokens
+    per_gpu_hour: float = Field(default=0.0, ge=0)  # per server-hour of the stage's endpoints
+    currency: str = "USD"
+
+    def cost(self, tokens_in: int, tokens_out: int, server_seconds: float | None) -> float:
+        tokens = tokens_in * self.input_per_million + tokens_out * self.output_per_million
+        return round(tokens / 1e6 + (server_seconds or 0.0) / 3600 * self.per_gpu_hour, 6)
 
 
 class LmmConfig(_Strict):
@@ -147,6 +161,12 @@ class LmmConfig(_Strict):
     serve: LmmServeConfig | None = None
     model: str = "tiny-vlm"  # the served model name
     model_revision: str = ""  # recorded in every request key: a new revision is a new request
+    # the NAME of the environment variable holding the API key (never the key itself: configs get shared)
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # a provider's quota: requests and tokens (prompt + max_tokens, counted before sending) per minute
+    requests_per_minute: int | None = Field(default=None, gt=0)
+    tokens_per_minute: int | None = Field(default=None, gt=0)
+    price: LmmPrice = LmmPrice()
     max_in_flight: int = Field(default=32, gt=0)
     timeout_s: float = Field(default=300.0, gt=0)
     retries: int = Field(default=3, ge=0)  # on connection errors, timeouts, 429 and 5xx
@@ -170,7 +190,28 @@ class LmmConfig(_Strict):
         return self
 
 
+# A stage's own LMM settings: any field of LmmConfig; what a stage leaves out comes from the run's `lmm` section.
+LmmOverride = create_model(
+    "LmmOverride",
+    __base__=_Strict,
+    **{name: (field.annotation | None, None) for name, field in LmmConfig.model_fields.items()},
+)
+_WHERE = ("endpoints", "serve")  # a stage that says where its server is says it whole
+
+
+def merge_lmm(run: LmmConfig | None, stage: BaseModel | None) -> LmmConfig | None:
+    """The LMM settings a stage runs with: the run's, with the stage's own fields on top."""
+    if stage is None:
+        return run
+    own = stage.model_dump(exclude_none=True)
+    merged = run.model_dump() if run is not None else {}
+    if any(key in own for key in _WHERE):
+        merged = {k: v for k, v in merged.items() if k not in _WHERE}
+    return LmmConfig.model_validate({**merged, **own})
+
+
 class CaptionConfig(_Strict):
+    lmm: LmmOverride | None = None  # type: ignore[valid-type]
     prompt: str = "caption.v1"
     max_tokens: int = Field(default=4096, gt=0)
     reject_not_clothing: bool = False  # record is_clothing, and reject on it only when this is set
@@ -178,6 +219,7 @@ class CaptionConfig(_Strict):
 
 
 class VerifyConfig(_Strict):
+    lmm: LmmOverride | None = None  # type: ignore[valid-type]
     prompt: str = "verify.v1"
     max_tokens: int = Field(default=1024, gt=0)
     # stop when this share of products is removed or answered invalidly (FashionMV's verifier removed 4.37%)
@@ -189,6 +231,7 @@ class VerifyConfig(_Strict):
 class TripletsConfig(_Strict):
     """Stage 3: split, candidate mining and listwise selection."""
 
+    lmm: LmmOverride | None = None  # type: ignore[valid-type]  # the selection model's own settings
     val_ratio: float = Field(default=0.2, ge=0, lt=1)  # for sources without an official split
     seed: int = 0
     text_model: str = "all-MiniLM-L6-v2"  # sentence-transformers name or local path; the default ships offline
@@ -206,6 +249,9 @@ class TripletsConfig(_Strict):
     candidates_as: Literal["images", "captions"] = "images"  # captions save tokens
     candidate_max_pixels: int = Field(default=128 * 160, gt=0)  # candidates' views are sent smaller than the source's
     breaker_threshold: float = Field(default=0.3, gt=0, le=1)  # stop when this share of answers is invalid
+
+
+LMM_SECTIONS = ("caption", "verify", "triplets")  # the config sections of the LMM stages
 
 
 class RunConfig(_Strict):
@@ -228,6 +274,19 @@ class RunConfig(_Strict):
         if len(tags) != len(set(tags)):
             raise ValueError(f"sources: dataset tags must be unique, got {tags}")
         return self
+
+    @model_validator(mode="after")
+    def _stage_lmms(self) -> RunConfig:
+        for section in LMM_SECTIONS:
+            try:
+                self.stage_lmm(section)
+            except ValidationError as err:
+                raise ValueError(f"{section}.lmm: {err}") from None
+        return self
+
+    def stage_lmm(self, section: str) -> LmmConfig | None:
+        """The LMM settings of the stage configured under `section` (caption, verify, triplets); None: no LMM."""
+        return merge_lmm(self.lmm, getattr(self, section).lmm)
 
     def source(self, dataset: str) -> SourceConfig:
         for s in self.sources:
@@ -261,11 +320,13 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         for key in ("root", "path"):
             if isinstance(source, dict) and key in source:
                 source[key] = str((base / str(source[key])).resolve())
-    serve = (data.get("lmm") or {}).get("serve")
-    if isinstance(serve, dict):
-        for key in ("model", "python"):
-            if key in serve:
-                serve[key] = str((base / str(serve[key])).absolute())  # absolute, not resolved: keep venv links
+    lmm_sections = [data.get("lmm")] + [(data.get(s) or {}).get("lmm") for s in LMM_SECTIONS]
+    for lmm in lmm_sections:
+        serve = (lmm or {}).get("serve") if isinstance(lmm, dict) else None
+        if isinstance(serve, dict):
+            for key in ("model", "python"):
+                if key in serve:
+                    serve[key] = str((base / str(serve[key])).absolute())  # absolute, not resolved: keep venv links
 
 
 def parse_override(text: str) -> tuple[str, Any]:

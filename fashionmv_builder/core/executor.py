@@ -48,10 +48,22 @@ _STATS_KEYS = ("stage", "dataset", "shards", "counts")
 
 @dataclass
 class LmmRun:
-    """The LMM side of one run: where requests go, and one circuit breaker per stage for the whole run."""
+    """The LMM side of one stage's run: where its requests go (its server is started the first time they are asked
+    for, so a stage with nothing to do starts none), and its circuit breaker for the whole run."""
 
-    endpoints: list[str]
+    open_endpoints: Callable[[], list[str]]
     breakers: dict[str, CircuitBreaker] = field(default_factory=dict)
+    _endpoints: list[str] | None = None
+
+    @property
+    def endpoints(self) -> list[str]:
+        if self._endpoints is None:
+            self._endpoints = self.open_endpoints()
+        return self._endpoints
+
+    @property
+    def started(self) -> bool:
+        return self._endpoints is not None
 
     def breaker(self, stage: Stage) -> CircuitBreaker:
         if stage.name not in self.breakers:
@@ -158,7 +170,8 @@ class LocalRunner(Runner):
             from fashionmv_builder.lmm.harness import run_lmm_shards
 
             assert lmm is not None
-            asyncio.run(run_lmm_shards(stage, tasks, lmm.endpoints, lmm.breaker(stage)))  # type: ignore[arg-type]
+            if tasks:
+                asyncio.run(run_lmm_shards(stage, tasks, lmm.endpoints, lmm.breaker(stage)))  # type: ignore[arg-type]
             return
         # A dataset-wide stage's shards are a few rows to write: the work was its global step.
         workers = self.workers if stage.work is Work.SHARD else 1
@@ -215,7 +228,7 @@ def run_stage(
     runner.run(stage, [t for p in plans for t in p.todo], lmm)
     wall = time.perf_counter() - start
     runtime = None
-    if stage.work is Work.LMM and lmm is not None:
+    if stage.work is Work.LMM and lmm is not None and lmm.started:
         runtime = {"wall_seconds": round(wall, 3), "server_seconds": round(wall * len(lmm.endpoints), 3)}
     reports = [finish_dataset(stage, p, runtime) for p in plans]
     runner.report(stage, reports)
@@ -228,12 +241,11 @@ def run_pipeline(
     runner: Runner,
     datasets: list[str] | None = None,
     pilot: float | None = None,
-    lmm_ready: Callable[[RunConfig, list[str]], None] | None = None,
 ) -> dict[str, list[StageReport]]:
     """Run the stages in order over the datasets (default: every source), holding the output folder's run lock.
-    LMM endpoints (a server the run starts under `lmm.serve`) are brought up at the first LMM stage and stopped at
-    the end."""
-    from fashionmv_builder.lmm.serving import check_endpoints, lmm_endpoints
+    Each LMM stage gets its own endpoints (lmm/serving.py: a server the run starts is swapped between stages that
+    serve other models, and stopped at the end)."""
+    from fashionmv_builder.lmm.serving import StageServers
 
     datasets = list(datasets or [s.dataset for s in config.sources])
     reports: dict[str, list[StageReport]] = {}
@@ -242,12 +254,13 @@ def run_pipeline(
     build.check_writable()  # before any work: a bad output_dir is one line now, not a traceback after decoding
     with ExitStack() as stack:
         stack.enter_context(run_lock(build))
-        lmm: LmmRun | None = None
+        servers = StageServers(config, [s for s in stages if s.work is Work.LMM])  # type: ignore[misc]
+        stack.callback(servers.close)
         for stage in stages:
             why = None
             if stage.depends_on() & skipped:
                 why = f"it reads {', '.join(sorted(stage.depends_on() & skipped))}, which did not run"
-            elif stage.work is Work.LMM and config.lmm is None:
+            elif stage.work is Work.LMM and stage.lmm_settings is None:  # type: ignore[attr-defined]
                 why = "no lmm section in the config"
             elif not datasets:
                 why = "no dataset is left to run it on"
@@ -255,10 +268,9 @@ def run_pipeline(
                 skipped.add(stage.name)
                 runner.skip(stage, why)
                 continue
-            if stage.work is Work.LMM and lmm is None:
-                endpoints = stack.enter_context(lmm_endpoints(config))
-                (lmm_ready or check_endpoints)(config, endpoints)
-                lmm = LmmRun(endpoints)
+            lmm = None
+            if stage.work is Work.LMM:
+                lmm = LmmRun(functools.partial(servers.endpoints, stage))
             reports[stage.name] = runner.run_stage(stage, datasets, lmm, pilot)
             datasets = [r.dataset for r in reports[stage.name] if r.error is None]
     return reports

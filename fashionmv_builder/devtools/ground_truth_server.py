@@ -44,6 +44,7 @@ from fastapi.responses import PlainTextResponse
 from PIL import Image
 
 from fashionmv_builder.core.config import LmmConfig, TripletsConfig
+from fashionmv_builder.devtools.local_server import serve_app
 from fashionmv_builder.devtools.sample_catalogue import FILE_LAYOUTS, NA, detail_region
 from fashionmv_builder.lmm.media import fit_to_pixels
 from fashionmv_builder.stages.ingest.images import encode_jpeg
@@ -434,12 +435,16 @@ def create_app(answerer: Answerer, media_root: Path | None, model: str = MODEL_N
         spec = body.get("response_format", {}).get("json_schema", {})
         stage, schema = spec.get("name"), spec.get("schema", {})
         user = next(m for m in body["messages"] if m["role"] == "user")["content"]
+        if isinstance(user, str):
+            user = [{"type": "text", "text": user}]
         groups, texts = _groups(user, media_root, truth)
         if stage == "caption":
             answer = answerer.caption(schema, groups[0] if groups else [])
         elif stage == "verify":
             claims = json.loads(texts[-1].split("\n", 1)[1])
             answer = answerer.verify(schema, groups[0] if groups else [], claims)
+        elif stage == "canary":  # the check that a server enforces schemas: this one does, by construction
+            answer = {"canary": schema["properties"]["canary"]["enum"][0]}
         elif stage == "select":
             answer = answerer.select(schema, groups[0] if groups else [], groups[1:])
         else:
@@ -476,25 +481,7 @@ def serve_ground_truth(
     port: int = 0,
 ) -> Iterator[tuple[str, Answerer]]:
     """Run the server on 127.0.0.1 in a thread of this process; yields its base URL and the answerer."""
-    import uvicorn
-
-    from fashionmv_builder.lmm.server import free_port
-
     answerer = Answerer(GroundTruth(catalogue, budgets), wrong_share, seed)
     root = media_root.resolve() if media_root else None
-    port = port or free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(answerer, root), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True, name="ground-truth-server")
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"the ground-truth server did not start on port {port}")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}", answerer
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serve_app(create_app(answerer, root), port, "ground-truth-server") as url:
+        yield url, answerer

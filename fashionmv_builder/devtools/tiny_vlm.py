@@ -1,4 +1,4 @@
-"""Build the tiny random-weight Qwen2.5-VL that tests and the embedded sample serve with vLLM (no download).
+"""Build the tiny random-weight Qwen2.5-VL (or Qwen2-VL) that tests and the sample serve with vLLM (no download).
 
 Run with the vLLM venv's interpreter: `.venv-vllm/bin/python scripts/build_tiny_vlm.py OUT_DIR`. The weights are
 random, so its answers are noise; but it has a real tokenizer, chat template and vision tower, so every request,
@@ -40,7 +40,7 @@ CORPUS = [
 ]
 
 
-def build(out: Path) -> None:
+def build(out: Path, arch: str = "qwen2.5-vl") -> None:
     tokenizer_model = Tokenizer(models.BPE())
     tokenizer_model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer_model.decoder = decoders.ByteLevel()
@@ -77,18 +77,29 @@ def build(out: Path) -> None:
         "window_size": 56,
         "fullatt_block_indexes": [1],
     }
-    config = tf.Qwen2_5_VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        tie_word_embeddings=True,
-        image_token_id=token("<|image_pad|>"),
-        video_token_id=token("<|video_pad|>"),
-        vision_start_token_id=token("<|vision_start|>"),
-        vision_end_token_id=token("<|vision_end|>"),
-    )
-    torch.manual_seed(0)
-    model = tf.Qwen2_5_VLForConditionalGeneration(config).eval()
-    processor = tf.Qwen2_5_VLProcessor(
+    tokens = {
+        "image_token_id": token("<|image_pad|>"),
+        "video_token_id": token("<|video_pad|>"),
+        "vision_start_token_id": token("<|vision_start|>"),
+        "vision_end_token_id": token("<|vision_end|>"),
+    }
+    if arch == "qwen2-vl":
+        # Qwen2-VL's vision tower: no window attention, `embed_dim` inside and `hidden_size` out (the text width)
+        qwen2_vision = {"depth": 2, "embed_dim": 64, "hidden_size": 128, "num_heads": 2, "mlp_ratio": 2}
+        config = tf.Qwen2VLConfig(
+            text_config=text_config, vision_config=qwen2_vision, tie_word_embeddings=True, **tokens
+        )
+        torch.manual_seed(1)
+        model = tf.Qwen2VLForConditionalGeneration(config).eval()
+        processor_class = tf.Qwen2VLProcessor
+    else:
+        config = tf.Qwen2_5_VLConfig(
+            text_config=text_config, vision_config=vision_config, tie_word_embeddings=True, **tokens
+        )
+        torch.manual_seed(0)
+        model = tf.Qwen2_5_VLForConditionalGeneration(config).eval()
+        processor_class = tf.Qwen2_5_VLProcessor
+    processor = processor_class(
         image_processor=tf.Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=320 * 320),
         tokenizer=tokenizer,
         video_processor=tf.Qwen2VLVideoProcessor(),
@@ -97,8 +108,9 @@ def build(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    print(f"tiny Qwen2.5-VL ({sum(p.numel() for p in model.parameters())} parameters) written to {out}")
+    print(f"tiny {arch} ({sum(p.numel() for p in model.parameters())} parameters) written to {out}")
 
 
 if __name__ == "__main__":
-    build(Path(sys.argv[1]))
+    # OUT_DIR [qwen2.5-vl|qwen2-vl]: the second architecture lets tests serve two different models at once
+    build(Path(sys.argv[1]), *sys.argv[2:3])

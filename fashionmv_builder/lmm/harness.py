@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,17 +20,36 @@ from typing import Any, ClassVar
 import pyarrow as pa
 from pydantic import BaseModel
 
-from fashionmv_builder.core.config import RunConfig, digest
+from fashionmv_builder.core.config import ConfigError, LmmConfig, RunConfig, digest
 from fashionmv_builder.core.executor import commit
 from fashionmv_builder.core.ledger import Reject, ShardLedger
 from fashionmv_builder.core.prompts import load_prompt
 from fashionmv_builder.core.shards import ShardMarker
-from fashionmv_builder.core.stage import ShardOutput, ShardTask, Stage, Work
+from fashionmv_builder.core.stage import DatasetPlan, ShardOutput, ShardTask, Stage, Work
 from fashionmv_builder.data_schema.lmm_answers import schema_digest, schema_of
 from fashionmv_builder.data_schema.reasons import RejectReason
 from fashionmv_builder.lmm.calls import AnswerStore, CallOutcome, CircuitBreaker, call_validated
-from fashionmv_builder.lmm.client import LmmClient, LmmRequest
+from fashionmv_builder.lmm.client import PIXELS_PER_IMAGE_TOKEN, LmmClient, LmmRequest, lmm_client
 from fashionmv_builder.lmm.media import MediaCache
+
+
+@dataclass(frozen=True)
+class RequestSize:
+    """The largest request a stage can send: what a server's context length and image limit must hold."""
+
+    images: int
+    tokens: int  # prompt (text and images) plus max_tokens
+    detail: str  # how it adds up, for error messages
+
+
+def image_tokens(pixels: int) -> int:
+    """Tokens of one image at a pixel budget on a Qwen-VL-style encoder (28×28 pixels a token, plus start/end)."""
+    return math.ceil(pixels / PIXELS_PER_IMAGE_TOKEN) + 2
+
+
+def words_tokens(words: int) -> int:
+    """A bound on the tokens of `words` schema words (at most 20 characters each): about 5 tokens a word."""
+    return 5 * words
 
 
 @dataclass
@@ -88,10 +108,17 @@ class LmmStage(Stage):
         self.settings_section = self.settings_section or self.name
         self.section = getattr(config, self.settings_section)
         self.prompt = load_prompt(self.section.prompt)
+        self.lmm_settings = config.stage_lmm(self.settings_section)  # None: the run has no LMM for this stage
+
+    @property
+    def lmm(self) -> LmmConfig:
+        if self.lmm_settings is None:
+            raise ConfigError(f"{self.name}: no LMM is configured (an lmm section, or {self.settings_section}.lmm)")
+        return self.lmm_settings
 
     def settings(self, dataset: str) -> dict:
         """Everything besides the inputs that the stage's output depends on: a change redoes its shards."""
-        lmm = self.config.lmm
+        lmm = self.lmm
         return {
             "prompt_sha": hashlib.sha256(self.prompt.text.encode()).hexdigest(),
             "settings": self.section.model_dump(mode="json"),
@@ -103,12 +130,38 @@ class LmmStage(Stage):
         }
 
     def metadata(self) -> dict[str, str]:
-        return {**super().metadata(), "fashionmv.model": self.config.lmm.model}
+        return {
+            **super().metadata(),
+            "fashionmv.model": self.lmm.model,
+            "fashionmv.model_revision": self.lmm.model_revision,
+        }
+
+    def largest_request(self) -> RequestSize:
+        """Every view of a product with the most views, the prompt, the stage's own text, and max_tokens."""
+        views = self.config.dedupe.max_views
+        prompt = math.ceil(len(self.prompt.text) / 4) + 64  # the system prompt; 64 for the item's own lines
+        per_image = image_tokens(self.lmm.image_max_pixels)
+        tokens = prompt + views * per_image + self.extra_tokens(views) + self.section.max_tokens
+        detail = (
+            f"{views} images of {per_image} tokens at {self.lmm.image_max_pixels} px, a {prompt}-token prompt, "
+            f"{self.extra_tokens(views)} tokens of the stage's text, max_tokens {self.section.max_tokens}"
+        )
+        return RequestSize(views, tokens, detail)
+
+    def extra_tokens(self, views: int) -> int:
+        """Tokens of text a request carries besides its prompt (e.g. the captions a verifier checks)."""
+        return 0
+
+    def finish(self, plan: DatasetPlan) -> dict:
+        """The stats record which model answered and what it costs, so the report and the card can say so."""
+        lmm = self.lmm
+        model = {"model": lmm.model, "model_revision": lmm.model_revision, "price": lmm.price.model_dump()}
+        return {**super().finish(plan), **model}
 
     def make_breaker(self) -> CircuitBreaker:
         return CircuitBreaker(
             self.section.breaker_threshold,
-            self.config.lmm.breaker_min_products,
+            self.lmm.breaker_min_products,
             f"{self.settings_section}.breaker_threshold",
         )
 
@@ -122,7 +175,7 @@ class LmmStage(Stage):
     ) -> Ask:
         """The request for one item: the stage's prompt first (vLLM's prefix cache reuses it across requests), then
         the item's content; and the canonical form of everything the answer depends on, which keys the store."""
-        lmm = self.config.lmm
+        lmm = self.lmm
         canonical = {
             "model": lmm.model,
             "revision": lmm.model_revision,
@@ -190,9 +243,9 @@ class LmmStage(Stage):
                     a.request,
                     a.canonical,
                     a.model,
-                    invalid_retries=self.config.lmm.invalid_retries,
-                    retry_temperature=self.config.lmm.retry_temperature,
-                    send_seed=self.config.lmm.send_seed,
+                    invalid_retries=self.lmm.invalid_retries,
+                    retry_temperature=self.lmm.retry_temperature,
+                    send_seed=self.lmm.send_seed,
                     check=a.check,
                 )
             )
@@ -241,22 +294,9 @@ def ask_key(ask: Ask) -> str:
     return digest({**ask.canonical, "seed": ask.request.seed})
 
 
-def media_cache(stage: Stage) -> MediaCache:
-    config = stage.config
-    share = config.lmm.share_disk and stage.build.is_local()
-    return MediaCache(stage.build.local_folder("lmm-images"), config.lmm.image_max_pixels, share)
-
-
-def lmm_client(config: RunConfig, endpoints: Sequence[str], max_in_flight: int | None = None) -> LmmClient:
-    lmm = config.lmm
-    return LmmClient(
-        list(endpoints),
-        lmm.model,
-        max_in_flight=max_in_flight or lmm.max_in_flight,
-        timeout_s=lmm.timeout_s,
-        retries=lmm.retries,
-        backoff_s=lmm.backoff_s,
-    )
+def media_cache(stage: LmmStage) -> MediaCache:
+    share = stage.lmm.share_disk and stage.build.is_local()
+    return MediaCache(stage.build.local_folder("lmm-images"), stage.lmm.image_max_pixels, share)
 
 
 def stage_context(stage: LmmStage, client: LmmClient, breaker: CircuitBreaker, endpoints: int) -> StageContext:
@@ -276,7 +316,7 @@ async def run_lmm_shards(
     """Every shard's requests at once on one client, so the server stays busy across shard boundaries."""
     if not tasks:
         return []
-    client = lmm_client(stage.config, endpoints)
+    client = lmm_client(stage.lmm, endpoints)
     try:
         await client.check()
         ctx = stage_context(stage, client, breaker, len(endpoints))
@@ -300,7 +340,7 @@ def run_lmm_shard(
     breaker is the run's for the stage, shared with the shards running beside it."""
 
     async def run() -> ShardMarker:
-        client = lmm_client(stage.config, endpoints, max_in_flight)
+        client = lmm_client(stage.lmm, endpoints, max_in_flight)
         try:
             await client.check()
             ctx = stage_context(stage, client, breaker, len(endpoints))

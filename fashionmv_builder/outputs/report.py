@@ -35,7 +35,7 @@ from fashionmv_builder.core.build import (
     TableRef,
     rejects,
 )
-from fashionmv_builder.core.config import RunConfig
+from fashionmv_builder.core.config import LmmPrice, RunConfig
 from fashionmv_builder.core.stage import Work
 from fashionmv_builder.pipeline import PIPELINE
 from fashionmv_builder.procir.recall import l2_normalise, recall_at_k
@@ -143,17 +143,26 @@ def _lmm_cost(config: RunConfig, build: Build) -> dict:
     for stage in LMM_STAGES:
         tokens_in = tokens_out = 0
         seconds = None
+        models, price = set(), LmmPrice()
         for source in config.sources:
             stats = build.stats(stage, source.dataset) or {}
             tokens_in += stats.get("counts", {}).get("tokens_in", 0)
             tokens_out += stats.get("counts", {}).get("tokens_out", 0)
             if stats.get("server_seconds") is not None:
                 seconds = max(seconds or 0.0, stats["server_seconds"])
+            if stats.get("model"):
+                models.add(
+                    f"{stats['model']}@{stats['model_revision']}" if stats.get("model_revision") else stats["model"]
+                )
+                price = LmmPrice(**stats.get("price", {}))
         cost[stage] = {
+            "model": ", ".join(sorted(models)) or None,
             "tokens_in": tokens_in,
             "tokens_out": tokens_out,
             "server_seconds": seconds,
             "gpu_hours": round(seconds / 3600, 4) if seconds is not None else None,
+            "cost": price.cost(tokens_in, tokens_out, seconds),
+            "currency": price.currency,
         }
     return cost
 
@@ -229,10 +238,15 @@ def build_report(config: RunConfig) -> dict:
         for stage in LMM_STAGES:
             stats = build.stats(stage, dataset) or {}
             counts = stats.get("counts", {})
+            price = LmmPrice(**stats.get("price", {}))
             entry["lmm_cost"][stage] = {
+                "model": stats.get("model"),
                 "tokens_in": counts.get("tokens_in", 0),
                 "tokens_out": counts.get("tokens_out", 0),
                 "server_seconds": stats.get("server_seconds"),
+                "cost": price.cost(
+                    counts.get("tokens_in", 0), counts.get("tokens_out", 0), stats.get("server_seconds")
+                ),
             }
         entry["modality_redundancy"] = _redundancy(config, build, dataset, triplets)
         report["datasets"][dataset] = entry
@@ -283,11 +297,15 @@ def to_markdown(report: dict) -> str:
     lines += [
         "## LMM cost of the build",
         "",
-        "| LMM stage | tokens in | tokens out | GPU-hours |",
-        "|---|---:|---:|---:|",
+        "| LMM stage | model | tokens in | tokens out | GPU-hours | cost |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for stage, c in report.get("lmm_cost", {}).items():
-        lines.append(f"| {stage} | {c['tokens_in']} | {c['tokens_out']} | {_cell(c['gpu_hours'])} |")
+        money = f"{c.get('cost', 0):.4g} {c.get('currency', '')}"
+        lines.append(
+            f"| {stage} | {_cell(c.get('model'))} | {c['tokens_in']} | {c['tokens_out']} | {_cell(c['gpu_hours'])} "
+            f"| {money} |"
+        )
     lines.append("")
     return "\n".join(lines)
 

@@ -30,7 +30,7 @@ class CaptionStage(LmmStage):
     def ask(self, item: Item, ctx: StageContext) -> Ask:
         parts, hashes = image_parts(item.images, ctx.media)
         intro = f"A product with {len(item.views)} views. Describe each image in order, then the whole product."
-        model = caption_answer(self.config.lmm.words, len(item.views))
+        model = caption_answer(self.lmm.words, len(item.views))
         return self.make_ask(model, [text_part(intro), *parts], hashes, [intro])
 
     def accept(self, item: Item, outcome: CallOutcome, ledger: ShardLedger) -> dict[str, list[dict]] | Reject:
@@ -58,7 +58,7 @@ class CaptionStage(LmmStage):
             "is_clothing": answer.is_clothing,
             "request_sha256": outcome.key,
             "prompt_version": self.config.caption.prompt,
-            "model": self.config.lmm.model,
+            "model": self.lmm.model,
             "tokens_in": outcome.tokens_in,
             "tokens_out": outcome.tokens_out,
         }

@@ -19,7 +19,16 @@ from fashionmv_builder.data_schema import tables
 from fashionmv_builder.data_schema.lmm_answers import selection_answer
 from fashionmv_builder.data_schema.reasons import RejectReason
 from fashionmv_builder.lmm.calls import CallOutcome
-from fashionmv_builder.lmm.harness import Ask, Item, LmmStage, StageContext, text_part
+from fashionmv_builder.lmm.harness import (
+    Ask,
+    Item,
+    LmmStage,
+    RequestSize,
+    StageContext,
+    image_tokens,
+    text_part,
+    words_tokens,
+)
 from fashionmv_builder.lmm.media import MediaCache, PreparedImage
 
 
@@ -76,8 +85,23 @@ class SelectStage(LmmStage):
 
     # -- the request ---------------------------------------------------------------------------------------------
 
+    def largest_request(self) -> RequestSize:
+        """The source's views, and every shown candidate's (as images at their smaller budget, or as captions)."""
+        t, views = self.config.triplets, self.config.dedupe.max_views
+        source = super().largest_request()
+        if t.candidates_as == "captions":
+            text = t.candidates_shown * (words_tokens(self.lmm.words.short_caption[1]) + 8)
+            return RequestSize(source.images, source.tokens + text, f"{source.detail}, {text} tokens of candidates")
+        per_image = image_tokens(t.candidate_max_pixels)
+        images = t.candidates_shown * views
+        detail = (
+            f"{source.detail}, {t.candidates_shown} candidates × {views} images of {per_image} tokens at "
+            f"{t.candidate_max_pixels} px"
+        )
+        return RequestSize(source.images + images, source.tokens + images * (per_image + 8), detail)
+
     def ask(self, item: Item, ctx: StageContext) -> Ask:
-        t, lmm = self.config.triplets, self.config.lmm
+        t, lmm = self.config.triplets, self.lmm
         dataset, source = item.product["dataset"], item.product["product_id"]
         candidates = item.product["candidate_ids"]
         small = MediaCache(ctx.media.folder, t.candidate_max_pixels, ctx.media.share_disk)
@@ -149,7 +173,7 @@ class SelectStage(LmmStage):
                     "candidate_ids": shown,
                     "request_sha256": outcome.key,
                     "prompt_version": self.config.triplets.prompt,
-                    "model": self.config.lmm.model,
+                    "model": self.lmm.model,
                 }
             )
             negatives += [

@@ -16,7 +16,7 @@ from fashionmv_builder.data_schema import tables
 from fashionmv_builder.data_schema.lmm_answers import verdict_answer
 from fashionmv_builder.data_schema.reasons import RejectReason
 from fashionmv_builder.lmm.calls import CallOutcome
-from fashionmv_builder.lmm.harness import Ask, Item, LmmStage, StageContext, image_parts, text_part
+from fashionmv_builder.lmm.harness import Ask, Item, LmmStage, StageContext, image_parts, text_part, words_tokens
 
 
 def captions_text(row: dict) -> str:
@@ -42,11 +42,15 @@ class VerifyStage(LmmStage):
         removing = self.config.verify.remove and outcome.answer is not None and outcome.answer.verdict == "remove"
         return outcome.answer is None or removing
 
+    def extra_tokens(self, views: int) -> int:
+        w = self.lmm.words
+        return words_tokens(views * w.view_caption[1] + w.long_caption[1] + w.short_caption[1]) + 40 * views
+
     def ask(self, item: Item, ctx: StageContext) -> Ask:
         parts, hashes = image_parts(item.images, ctx.media)
         intro = f"A product with {len(item.views)} views."
         claims = captions_text(item.product)
-        model = verdict_answer(self.config.lmm.words)
+        model = verdict_answer(self.lmm.words)
         return self.make_ask(model, [text_part(intro), *parts, text_part(claims)], hashes, [intro, claims])
 
     def accept(self, item: Item, outcome: CallOutcome, ledger: ShardLedger) -> dict[str, list[dict]] | Reject:
@@ -65,7 +69,7 @@ class VerifyStage(LmmStage):
             "wrong_claims": list(answer.wrong_claims),
             "request_sha256": outcome.key,
             "prompt_version": self.config.verify.prompt,
-            "model": self.config.lmm.model,
+            "model": self.lmm.model,
             "tokens_in": outcome.tokens_in,
             "tokens_out": outcome.tokens_out,
         }

@@ -13,7 +13,7 @@ from typing import Any
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from fashionmv_builder.core.build import TRIPLETS, Build, TableRef
-from fashionmv_builder.core.config import RunConfig
+from fashionmv_builder.core.config import LmmPrice, RunConfig
 from fashionmv_builder.core.stage import Stage, Work
 from fashionmv_builder.outputs.hub.tables import CONFIGS
 from fashionmv_builder.pipeline import PIPELINE
@@ -42,6 +42,11 @@ class StageCost:
     server_seconds: float = 0.0
     models: set[str] = field(default_factory=set)
     prompts: set[str] = field(default_factory=set)
+    price: LmmPrice = field(default_factory=LmmPrice)
+
+    @property
+    def money(self) -> str:
+        return f"{self.price.cost(self.tokens_in, self.tokens_out, self.server_seconds):.4g} {self.price.currency}"
 
 
 @dataclass
@@ -88,6 +93,8 @@ def build_info(config: RunConfig) -> BuildInfo:
             cost.tokens_out += counts.get("tokens_out", 0)
             # Every dataset of a stage runs on the same server at the same time: its seconds are the stage's.
             cost.server_seconds = max(cost.server_seconds, stats.get("server_seconds") or 0.0)
+            if "price" in stats:
+                cost.price = LmmPrice(**stats["price"])
     return BuildInfo(
         name=config.name,
         config_hash=config.config_hash(),
@@ -175,6 +182,7 @@ def _provenance(card: CardInput) -> list[str]:
             c.tokens_in,
             c.tokens_out,
             round(c.server_seconds, 1),
+            c.money,
         ]
         for stage, c in b.stages.items()
     ]
@@ -187,8 +195,13 @@ def _provenance(card: CardInput) -> list[str]:
         "selection by a large multimodal model.",
         "",
     ]
-    lines += _table(["stage", "model", "prompt version", "tokens in", "tokens out", "server-seconds"], rows)
-    return [*lines, "", "Server-seconds are the stage's time on the LMM server (all datasets ran on it together)."]
+    lines += _table(["stage", "model", "prompt version", "tokens in", "tokens out", "server-seconds", "cost"], rows)
+    return [
+        *lines,
+        "",
+        "Server-seconds are the stage's time on the LMM server (all datasets ran on it together); cost is from the "
+        "price table of the run's config (per million tokens and per GPU-hour).",
+    ]
 
 
 def _statistics(card: CardInput) -> list[str]:
