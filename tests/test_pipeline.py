@@ -160,3 +160,28 @@ def test_a_shard_reruns_exactly_when_a_file_it_reads_changes(tmp_path):
     )
     redo = run_pipeline(config, [ViewCountStage(config)], LocalRunner(1))
     assert redo["view_count"][0].skipped == 2  # only the shard that read the rewritten file
+
+
+class CrashingStage(ViewCountStage):
+    """Test only: its worker dies (as a crash in native code would) on the shard holding p2."""
+
+    name = "crashing"
+
+    def run_shard(self, task: ShardTask) -> ShardOutput:
+        import os
+        import signal
+
+        if task.shard == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().run_shard(task)
+
+
+def test_a_worker_that_dies_fails_the_stage_instead_of_hanging_it(tmp_path):
+    from fashionmv_builder.core.executor import WorkerDied
+
+    config = _config(tmp_path, workers=2)
+    run_pipeline(config, pipeline.build_stages(config, ["ingest", "dedupe"]), LocalRunner(2))
+    with pytest.raises(WorkerDied, match=r"crashing: a worker process died \(signal 9\)"):
+        run_pipeline(config, [CrashingStage(config)], LocalRunner(2))
+    done = {m.shard for m in Build(config.output_dir).markers("crashing", "shop")}
+    assert 1 not in done  # the shard it held was not written; a rerun redoes it

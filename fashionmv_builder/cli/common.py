@@ -87,6 +87,7 @@ def run_errors() -> tuple[type[BaseException], ...]:
     shard, an LMM server down or refusing, a tripped circuit breaker."""
     import openai
 
+    from fashionmv_builder.core.executor import WorkerDied
     from fashionmv_builder.core.lock import BuildLocked
     from fashionmv_builder.core.shards import CorruptShardError
     from fashionmv_builder.lmm.calls import CircuitOpen
@@ -101,6 +102,7 @@ def run_errors() -> tuple[type[BaseException], ...]:
         LmmRefused,
         CircuitOpen,
         ServerError,
+        WorkerDied,
         openai.APIError,
     )
 

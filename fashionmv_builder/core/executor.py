@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -207,10 +207,36 @@ def run_in_processes(stage: Stage, tasks: Sequence[ShardTask], workers: int) -> 
                 bar.update()
             return
         # multiprocessing's pool, not concurrent.futures': leaving its block on an error or Ctrl-C terminates the
-        # workers, where an executor would first finish every shard already queued.
-        with multiprocessing.Pool(min(workers, len(tasks)), initializer=die_with_parent) as pool:
-            for _ in pool.imap_unordered(functools.partial(execute_shard, stage), tasks):
+        # workers, where an executor would first finish every shard already queued. Spawned, not forked: a worker
+        # forked from a process that has run torch (OpenMP) crashes in libgomp as soon as it runs torch itself.
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(min(workers, len(tasks)), initializer=die_with_parent) as pool:
+            results = pool.imap_unordered(functools.partial(execute_shard, stage), tasks)
+            seen = set(pool._pool)  # type: ignore[attr-defined]  # see _next_or_dead
+            for _ in tasks:
+                _next_or_dead(stage, pool, results, seen)
                 bar.update()
+
+
+class WorkerDied(RuntimeError):
+    """A worker process died (a crash, or killed from outside): the shards it held are not written."""
+
+
+def _next_or_dead(stage: Stage, pool: Any, results: Any, seen: set) -> None:
+    """The next result; a worker's death raises instead of waiting forever (the pool replaces a dead worker without
+    a word, and the shard it held never comes back). Its `_pool` list is private, and the only way to see it."""
+    while True:
+        try:
+            return results.next(timeout=2)
+        except multiprocessing.TimeoutError:
+            seen |= set(pool._pool)
+            dead = [p.exitcode for p in seen if p.exitcode not in (None, 0)]
+            if dead:
+                how = f"signal {-dead[0]}" if dead[0] < 0 else f"exit code {dead[0]}"
+                raise WorkerDied(
+                    f"{stage.name}: a worker process died ({how}); the shards it held were not written, and a rerun "
+                    "redoes only those"
+                ) from None
 
 
 # -- the walk ----------------------------------------------------------------------------------------------
