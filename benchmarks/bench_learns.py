@@ -24,21 +24,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "build" / "models" / "tiny-procir"
 DATASET = "deepfashion"
-WORDS = {
-    "view_caption": [3, 10],
-    "long_caption": [10, 24],
-    "short_caption": [4, 10],
-    "verifier_reason": [1, 6],
-    "wrong_claim": [1, 4],
-    "modification_short": [4, 12],
-    "modification_long": [8, 30],
-}
 
 
 def ground_truth_build(folder: Path, products: int) -> dict:
     """A sample of `products` products, built with the ground-truth answering server; the run config as a dict."""
     from fashionmv_builder.core.config import validate_config
-    from fashionmv_builder.devtools.ground_truth_server import MODEL_NAME, serve_ground_truth
+    from fashionmv_builder.devtools.ground_truth_server import MODEL_NAME, TRUTH_WORDS, serve_ground_truth
     from fashionmv_builder.devtools.sample_catalogue import generate_sample
     from fashionmv_builder.pipeline import run_local
 
@@ -52,7 +43,7 @@ def ground_truth_build(folder: Path, products: int) -> dict:
             "shard_size": 50,
             "workers": 2,
             "sources": [{"kind": "deepfashion", "dataset": DATASET, "root": str(catalogue / "deepfashion")}],
-            "lmm": {"endpoints": [url], "model": MODEL_NAME, "words": WORDS, "breaker_min_products": 50},
+            "lmm": {"endpoints": [url], "model": MODEL_NAME, "words": TRUTH_WORDS, "breaker_min_products": 50},
             "triplets": {"val_ratio": 0.3, "top_k": 4},  # narrow mining: siblings are shown (configs/ground-truth.yaml)
         }
         run_local(validate_config(config))

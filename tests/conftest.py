@@ -95,26 +95,32 @@ def vllm_server(tmp_path_factory):
 
     It may read images under the session's temporary folder (file:// URLs). Tests that kill it call `.start()`
     again; the fixture stops whatever is running at the end."""
-    from fashionmv_builder.lmm.server import ServerSpec, VllmServer, free_port
-
-    if not VLLM_PYTHON.exists() or not (TINY_VLM / "config.json").exists():
-        pytest.fail("the vLLM venv or the tiny model is missing: run `make setup` (tests need the real server)")
-    base = tmp_path_factory.getbasetemp()
-    spec = ServerSpec(
-        python=VLLM_PYTHON,
-        model=TINY_VLM,
-        served_name="tiny-vlm",
-        port=free_port(),
-        dtype="float32",
-        max_model_len=16384,
-        max_images=60,
-        local_media_dir=base,
-        env={"VLLM_CPU_KVCACHE_SPACE": "2"},
-    )
-    server = VllmServer(spec, base / "vllm-server")
-    server.start(timeout_s=600)
+    server = start_vllm(tmp_path_factory.getbasetemp(), TINY_VLM, "tiny-vlm", max_model_len=16384, kv_cache_gib=2)
     yield server
     server.stop()
+
+
+def start_vllm(base: Path, model: Path, name: str, *, max_model_len: int, kv_cache_gib: int, extra_args=()):
+    """A real vLLM server (CPU build) of a tiny model, reading images under `base`, its state in `base/<name>`."""
+    from fashionmv_builder.lmm.server import ServerSpec, VllmServer, free_port
+
+    if not VLLM_PYTHON.exists() or not (model / "config.json").exists():
+        pytest.fail(f"the vLLM venv or {model.name} is missing: run `make setup` (tests need the real server)")
+    spec = ServerSpec(
+        python=VLLM_PYTHON,
+        model=model,
+        served_name=name,
+        port=free_port(),
+        dtype="float32",
+        max_model_len=max_model_len,
+        max_images=60,
+        local_media_dir=base,
+        extra_args=tuple(extra_args),
+        env={"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)},
+    )
+    server = VllmServer(spec, base / f"vllm-server-{name}")
+    server.start(timeout_s=600)
+    return server
 
 
 def _stage3_config(out: Path, catalogue: Path, url: str):

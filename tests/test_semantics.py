@@ -25,6 +25,7 @@ from fashionmv_builder.core.build import CANDIDATES, CAPTIONS, HARD_NEGATIVES, T
 from fashionmv_builder.core.config import RunConfig, load_config
 from fashionmv_builder.devtools.ground_truth_server import (
     MODEL_NAME,
+    TRUTH_WORDS,
     VIEW_OF_RENDER,
     Answerer,
     difference_views,
@@ -39,15 +40,6 @@ from fashionmv_builder.stages.ingest.images import encode_jpeg
 pytestmark = pytest.mark.slow
 
 LAYOUT = {"deepfashion": "deepfashion", "fashiongen_val": "fashiongen"}  # dataset → the sample layout it reads
-WORDS = {
-    "view_caption": [3, 10],
-    "long_caption": [10, 24],
-    "short_caption": [4, 10],
-    "verifier_reason": [1, 6],
-    "wrong_claim": [1, 4],
-    "modification_short": [4, 12],
-    "modification_long": [8, 30],
-}
 WRONG_SHARE = 0.1
 PRODUCTS = 400
 TOKEN = "hf_semanticsSECRET0123456789abcdef"
@@ -84,7 +76,7 @@ def truth_build(sample_catalogue: Path, tmp_path_factory) -> Iterator[tuple[RunC
                     "split": "val",
                 },
             ],
-            "lmm": {"endpoints": [url], "model": MODEL_NAME, "words": WORDS, "breaker_min_products": 50},
+            "lmm": {"endpoints": [url], "model": MODEL_NAME, "words": TRUTH_WORDS, "breaker_min_products": 50},
             "triplets": {"val_ratio": 0.3, "top_k": 4},  # narrow mining: siblings are shown (configs/ground-truth.yaml)
         }
         path = base / "truth.yaml"

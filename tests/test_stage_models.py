@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import SMALL_WORDS, VLLM_PYTHON
+from conftest import SMALL_WORDS, VLLM_PYTHON, start_vllm
 from fastapi import FastAPI
 
 from fashionmv_builder.core.build import CAPTIONS, TRIPLETS, VERDICTS, Build
@@ -177,25 +177,10 @@ def test_a_refusal_stops_the_stage_at_once_naming_the_setting(deduped_small, tmp
 @pytest.fixture(scope="module")
 def keyed_vllm(tmp_path_factory):
     """A second real vLLM server: another architecture (tiny Qwen2-VL), started with --api-key."""
-    from fashionmv_builder.lmm.server import ServerSpec, VllmServer, free_port
-
-    if not (SECOND_VLM / "config.json").exists():
-        pytest.fail("the tiny Qwen2-VL is missing: run `make setup`")
     base = tmp_path_factory.getbasetemp()
-    spec = ServerSpec(
-        python=VLLM_PYTHON,
-        model=SECOND_VLM,
-        served_name="tiny-vlm2",
-        port=free_port(),
-        dtype="float32",
-        max_model_len=8192,
-        max_images=60,
-        local_media_dir=base,
-        extra_args=("--api-key", KEY),
-        env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+    server = start_vllm(
+        base, SECOND_VLM, "tiny-vlm2", max_model_len=8192, kv_cache_gib=1, extra_args=["--api-key", KEY]
     )
-    server = VllmServer(spec, base / "vllm-server-2")
-    server.start(timeout_s=600)
     yield server
     server.stop()
 
@@ -249,20 +234,21 @@ def test_caption_and_selection_on_one_server_verification_on_another_with_a_key(
 
 
 @pytest.mark.slow
-def test_a_stage_whose_largest_request_cannot_fit_the_context_is_refused_before_any_request(
+def test_a_stage_3_request_that_cannot_fit_the_context_is_refused_before_any_request(
     keyed_vllm, deduped_small, tmp_path, monkeypatch
 ):
+    """Captions and verdicts fit the 8192-token server; Stage 3 with max_tokens 7000 cannot (its source and ten
+    candidates' views come on top): refused with the numbers, and the server sees no request of it."""
     monkeypatch.setenv(KEY_ENV, KEY)
     lmm = {"endpoints": [keyed_vllm.spec.url], "model": "tiny-vlm2", "api_key_env": KEY_ENV, "words": SMALL_WORDS}
-    config = validate_config(
-        _config(tmp_path / "out", deduped_small, lmm=lmm, caption={"max_tokens": 8000}, dedupe={"max_views": 5})
-    )
-    [caption] = build_stages(config, ["caption"])
-    assert caption.largest_request().tokens > 8192
-    run_local(config, ["ingest", "dedupe"])
+    triplets = {"val_ratio": 0.3, "min_targets": 1, "max_tokens": 7000}
+    config = validate_config(_config(tmp_path / "out", deduped_small, lmm=lmm, triplets=triplets))
+    sizes = {s.name: s.largest_request().tokens for s in build_stages(config, ["caption", "verify", "select"])}
+    assert sizes["caption"] < 8192 and sizes["verify"] < 8192 < sizes["select"]
+    run_local(config, ["ingest", "dedupe", "caption", "verify", "embed", "candidates"])
     before = _requests(keyed_vllm.spec.url, KEY)
-    with pytest.raises(LmmRefused, match=r"caption: its largest request needs about \d+ tokens .*max_model_len 8192"):
-        run_local(config, ["caption"])
+    with pytest.raises(LmmRefused, match=r"select: its largest request needs about \d+ tokens .*max_model_len 8192"):
+        run_local(config, ["select"])
     assert _requests(keyed_vllm.spec.url, KEY) == before
 
 

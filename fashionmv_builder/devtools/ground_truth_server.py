@@ -52,6 +52,17 @@ from fashionmv_builder.stages.ingest.images import encode_jpeg
 MODEL_NAME = "ground-truth"
 # The pixel budgets of a default run: the source's views and Stage 3's smaller candidate views.
 DEFAULT_BUDGETS = (LmmConfig.model_fields["image_max_pixels"].default, TripletsConfig().candidate_max_pixels)
+# Word bounds that hold the truth's words (colour, pattern, category, then attr=value words): for configs of
+# ground-truth builds (configs/ground-truth.yaml has the same).
+TRUTH_WORDS = {
+    "view_caption": (3, 10),
+    "long_caption": (10, 24),
+    "short_caption": (4, 10),
+    "verifier_reason": (1, 6),
+    "wrong_claim": (1, 4),
+    "modification_short": (4, 12),
+    "modification_long": (8, 30),
+}
 # Attributes beyond colour, pattern and category, most telling first (a short caption keeps the first ones).
 DETAILS = ("pocket", "back_detail", "neckline", "sleeve", "hem")
 EVERY_VIEW = ("colour", "pattern", "category")
