@@ -7,7 +7,7 @@ split with FashionMV's protocol: before training, after training on the train sp
 triplets with their texts shuffled across triplets (the control). The peer of the true-text run is the shuffled one,
 measured in the same run with the same seed, steps and images.
 
-    python -m benchmarks.bench_learns [--products 600] [--steps 60] [--seed 0]
+    python -m benchmarks.bench_learns [--products 400] [--steps 60] [--seed 0]
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def ground_truth_build(folder: Path, products: int) -> dict:
     return config
 
 
-def main(smoke: bool = False, products: int = 600, steps: int = 60, seed: int = 0) -> dict:
+def main(smoke: bool = False, products: int = 400, steps: int = 60, seed: int = 0) -> dict:
     from fashionmv_builder.core.config import validate_config
     from fashionmv_builder.outputs.export import export_fashionmv
     from fashionmv_builder.procir.learning_check import measure, shrink_images
@@ -88,7 +88,7 @@ def main(smoke: bool = False, products: int = 600, steps: int = 60, seed: int = 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--products", type=int, default=600)
+    parser.add_argument("--products", type=int, default=400)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true")
