@@ -46,6 +46,7 @@ from fashionmv_builder.core.executor import (
 from fashionmv_builder.core.shards import ShardMarker
 from fashionmv_builder.core.stage import DatasetPlan, ShardTask, Stage, StageReport, Work
 from fashionmv_builder.lmm.calls import CircuitOpen
+from fashionmv_builder.lmm.client import LmmRefused
 from fashionmv_builder.lmm.harness import run_lmm_shard
 
 FLOW_NAME = "build-fashionmv"
@@ -55,6 +56,7 @@ LMM_TAG = "lmm"  # every LMM task carries it: `prefect concurrency-limit create 
 # What a retry would only meet again: a tripped circuit breaker, a bad config, a missing input, bad data.
 PERMANENT_ERRORS = (
     CircuitOpen,
+    LmmRefused,  # a refused key, model or request: a retry gets the same answer (a server restarting is retried)
     ConfigError,
     FileNotFoundError,
     NotADirectoryError,

@@ -15,7 +15,7 @@ from fashionmv_builder.cli.common import stage_rows
 from fashionmv_builder.core.config import ConfigError
 from fashionmv_builder.core.stage import StageReport
 from fashionmv_builder.lmm.calls import CircuitOpen
-from fashionmv_builder.lmm.client import LmmUnreachable
+from fashionmv_builder.lmm.client import LmmRefused, LmmUnreachable
 
 
 def test_the_flow_and_its_shard_tasks_carry_the_documented_names():
@@ -35,6 +35,7 @@ def _failed(err: BaseException):
 
 def test_retries_are_spent_only_where_they_can_help():
     assert _worth_retrying(None, None, _failed(LmmUnreachable("server restarting")))
+    assert not _worth_retrying(None, None, _failed(LmmRefused("HTTP 401: check lmm.api_key_env")))
     assert _worth_retrying(None, None, _failed(ConnectionResetError("reset by peer")))
     assert not _worth_retrying(None, None, _failed(CircuitOpen("too many invalid answers")))
     assert not _worth_retrying(None, None, _failed(ConfigError("lmm: bad")))

@@ -66,6 +66,26 @@ def test_a_stage_naming_a_server_to_start_drops_the_runs_endpoints(tmp_path):
     assert verify.endpoints == () and verify.serve is not None
 
 
+def test_a_stage_with_its_own_server_never_inherits_the_runs_key_quota_or_price(tmp_path):
+    run = {"endpoints": ["http://a"], "api_key_env": "A_KEY", "requests_per_minute": 10, "share_disk": False}
+    run["price"] = {"input_per_million": 5.0}
+    config = validate_config(
+        _config(
+            tmp_path,
+            tmp_path,
+            lmm=run,
+            caption={"lmm": {"endpoints": ["http://b"]}},  # another server: nothing of A's carries over
+            verify={"lmm": {"model": "judge"}},  # the run's server: its key and quota do
+            triplets={"lmm": {"api_key_env": None}},  # an explicit null clears the run's value
+        )
+    )
+    caption, verify, select = (config.stage_lmm(s) for s in ("caption", "verify", "triplets"))
+    assert (caption.api_key_env, caption.requests_per_minute, caption.share_disk) == (None, None, True)
+    assert caption.price.input_per_million == 0
+    assert (verify.api_key_env, verify.requests_per_minute, verify.endpoints) == ("A_KEY", 10, ("http://a",))
+    assert (select.api_key_env, select.requests_per_minute) == (None, 10)
+
+
 def test_the_api_key_comes_from_the_named_variable_only(monkeypatch):
     lmm = LmmConfig(endpoints=("http://a",), api_key_env=KEY_ENV)
     monkeypatch.delenv(KEY_ENV, raising=False)
@@ -102,6 +122,8 @@ def test_retry_after_in_seconds_or_as_a_date_is_honoured_and_capped():
     assert retry_after(_status_error(429, {"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"})) == 0.0  # in the past
     assert retry_after(_status_error(429, {"retry-after": "86400"})) == 300.0
     assert retry_after(_status_error(429, {})) is None
+    assert retry_after(_status_error(429, {"retry-after": "soon"})) is None  # malformed: back off as usual
+    assert retry_after(_status_error(429, {"retry-after": "nan"})) is None
 
 
 # -- against small local servers --------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from fashionmv_builder.cli.common import console, with_run_config
-from fashionmv_builder.core.config import RunConfig
+from fashionmv_builder.core.config import LMM_SECTIONS, LmmConfig, RunConfig
 
 
 def register(app: typer.Typer) -> None:
@@ -61,8 +61,11 @@ def register(app: typer.Typer) -> None:
             url,
             _,
         ):
-            lmm = cfg.lmm.model_copy(update={"endpoints": (url,), "serve": None, "model": MODEL_NAME})
-            finish_run(cfg, run_stages(cfg.model_copy(update={"lmm": lmm}), None))
+            base = cfg.lmm.model_dump() if cfg.lmm else {}
+            lmm = LmmConfig.model_validate({**base, "endpoints": (url,), "serve": None, "model": MODEL_NAME})
+            # every LMM stage asks the server: a stage's own lmm section would send it elsewhere
+            stages = {s: getattr(cfg, s).model_copy(update={"lmm": None}) for s in LMM_SECTIONS}
+            finish_run(cfg, run_stages(cfg.model_copy(update={"lmm": lmm, **stages}), None))
 
     @app.command("build-tiny-procir")
     def build_tiny_procir(

@@ -196,18 +196,20 @@ LmmOverride = create_model(
     __base__=_Strict,
     **{name: (field.annotation | None, None) for name, field in LmmConfig.model_fields.items()},
 )
-_WHERE = ("endpoints", "serve")  # a stage that says where its server is says it whole
+# A stage that says where its server is says how to reach it whole: the run's key, quota, disk sharing and price
+# belong to the run's server, never to another one.
+_WHERE = ("endpoints", "serve", "api_key_env", "requests_per_minute", "tokens_per_minute", "share_disk", "price")
 
 
 def merge_lmm(run: LmmConfig | None, stage: BaseModel | None) -> LmmConfig | None:
     """The LMM settings a stage runs with: the run's, with the stage's own fields on top."""
     if stage is None:
         return run
-    own = stage.model_dump(exclude_none=True)
+    own = stage.model_dump(exclude_unset=True)  # an explicit null clears the run's value
     merged = run.model_dump() if run is not None else {}
-    if any(key in own for key in _WHERE):
+    if "endpoints" in own or "serve" in own:
         merged = {k: v for k, v in merged.items() if k not in _WHERE}
-    return LmmConfig.model_validate({**merged, **own})
+    return LmmConfig.model_validate({k: v for k, v in {**merged, **own}.items() if v is not None})
 
 
 class CaptionConfig(_Strict):

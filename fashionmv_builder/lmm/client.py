@@ -13,6 +13,7 @@ stored or put in an error message.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import email.utils
 import itertools
 import math
@@ -87,8 +88,15 @@ def retry_after(err: BaseException | None) -> float | None:
     try:
         seconds = float(value)
     except ValueError:
-        when = email.utils.parsedate_to_datetime(value)
-        seconds = when.timestamp() - time.time() if when else 0.0
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None  # not a date either: back off as usual
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)  # "-0000": UTC, by RFC 5322
+        seconds = when.timestamp() - time.time()
+    if not math.isfinite(seconds):
+        return None
     return min(max(seconds, 0.0), RETRY_AFTER_MAX_S)
 
 

@@ -121,7 +121,8 @@ class LmmStage(Stage):
         lmm = self.lmm
         return {
             "prompt_sha": hashlib.sha256(self.prompt.text.encode()).hexdigest(),
-            "settings": self.section.model_dump(mode="json"),
+            # its own lmm section: only the fields that change answers count, and they are in "lmm" below
+            "settings": self.section.model_dump(mode="json", exclude={"lmm"}),
             "lmm": lmm.model_dump(
                 mode="json",
                 include={"model", "model_revision", "words", "temperature", "retry_temperature", "seed"}

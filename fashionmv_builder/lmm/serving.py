@@ -60,9 +60,9 @@ def lmm_stages(config: RunConfig) -> list[LmmStage]:
 
 
 def context_length(size: RequestSize) -> int:
-    """A context that holds the largest request with room to spare (the token counts are estimates): the next
-    power of two above 1.5 times it."""
-    return 1 << math.ceil(math.log2(1.5 * size.tokens))
+    """A context that holds the largest request with room to spare (the token counts are estimates): 1.5 times it,
+    rounded up to 1024 tokens (a power of two could pass the model's own maximum)."""
+    return math.ceil(1.5 * size.tokens / 1024) * 1024
 
 
 def server_for(config: RunConfig, lmm: LmmConfig | None = None, size: RequestSize | None = None) -> VllmServer:

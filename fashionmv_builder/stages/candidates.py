@@ -64,6 +64,8 @@ def load_pool(build: Build, config: RunConfig, dataset: str) -> Pool:
             short.append(e["short_caption"])
 
     def as_array(vectors: list) -> np.ndarray:
+        if not rows:  # every product was removed upstream: nothing to mine
+            return np.zeros((0, 1), dtype=np.float32)
         return np.asarray(vectors, dtype=np.float32).reshape(len(rows), -1)
 
     return Pool(rows, as_array(image), as_array(long), as_array(short))
@@ -115,7 +117,7 @@ class CandidatesStage(Stage):
     writes: ClassVar[dict] = {SPLIT_PRODUCTS.table: tables.SPLIT_PRODUCTS, CANDIDATES.table: tables.CANDIDATES}
 
     def settings(self, dataset: str) -> dict:
-        return {"triplets": self.config.triplets.model_dump(mode="json")}
+        return {"triplets": self.config.triplets.model_dump(mode="json", exclude={"lmm"})}  # the model does not mine
 
     def prepare(self, dataset: str, todo: list[ShardTask]) -> tuple[list[ShardTask], dict]:
         pool = load_pool(self.build, self.config, dataset)
