@@ -1,5 +1,11 @@
 """The flow module's own small pieces, without a server: runner choice, retry rule, stats tables, artifact keys."""
 
+from prefect.states import Completed, Failed
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+from fashionmv_builder.cli.common import stage_rows
+from fashionmv_builder.core.config import ConfigError
+from fashionmv_builder.core.stage import StageReport
 from fashionmv_builder.flows.build_fashionmv import (
     FLOW_NAME,
     _worth_retrying,
@@ -8,12 +14,6 @@ from fashionmv_builder.flows.build_fashionmv import (
     local_runner,
     shard_task,
 )
-from prefect.states import Completed, Failed
-from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
-
-from fashionmv_builder.cli.common import stage_rows
-from fashionmv_builder.core.config import ConfigError
-from fashionmv_builder.core.stage import StageReport
 from fashionmv_builder.lmm.calls import CircuitOpen
 from fashionmv_builder.lmm.client import LmmRefused, LmmUnreachable
 

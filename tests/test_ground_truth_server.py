@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from fashionmv_builder.data_schema.lmm_answers import (
     WordBounds,
     caption_answer,
@@ -16,7 +17,6 @@ from fashionmv_builder.data_schema.lmm_answers import (
     verdict_answer,
     words,
 )
-
 from fashionmv_builder.devtools.ground_truth_server import (
     Answerer,
     GroundTruth,

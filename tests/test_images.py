@@ -4,9 +4,9 @@ import zlib
 
 import pytest
 from conftest import jpeg_bytes
-from fashionmv_builder.data_schema.reasons import RejectReason
 from PIL import Image
 
+from fashionmv_builder.data_schema.reasons import RejectReason
 from fashionmv_builder.stages.ingest.images import ImageRejected, check_image, hamming
 
 LIMITS = {"max_file_bytes": 1_000_000, "max_image_pixels": 10_000_000, "allowed_formats": ("JPEG", "PNG", "WEBP")}

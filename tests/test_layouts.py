@@ -3,7 +3,6 @@
 import h5py
 import numpy as np
 from conftest import jpeg_bytes, write
-from fashionmv_builder.data_schema.reasons import RejectReason
 
 from fashionmv_builder.core.config import (
     DeepFashionSource,
@@ -13,6 +12,7 @@ from fashionmv_builder.core.config import (
     validate_config,
 )
 from fashionmv_builder.core.shards import ShardStore
+from fashionmv_builder.data_schema.reasons import RejectReason
 from fashionmv_builder.pipeline import run_local
 from fashionmv_builder.stages.ingest.sources.deepfashion import DeepFashionCrawler
 from fashionmv_builder.stages.ingest.sources.fashion200k import Fashion200kCrawler

@@ -9,10 +9,10 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import SMALL_WORDS
-from fashionmv_builder.data_schema.reasons import RejectReason
 
 from fashionmv_builder.core.build import Build, TableRef
 from fashionmv_builder.core.config import RunConfig, validate_config
+from fashionmv_builder.data_schema.reasons import RejectReason
 from fashionmv_builder.devtools.score_captions import score_build
 from fashionmv_builder.lmm.calls import CircuitOpen
 from fashionmv_builder.lmm.client import LmmUnreachable

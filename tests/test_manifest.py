@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fashionmv_builder.data_schema.reasons import RejectReason
 from PIL import Image
 from pydantic import ValidationError
 
 from fashionmv_builder.core.config import ConfigError, HttpConfig, ManifestSource, validate_config
 from fashionmv_builder.core.ledger import Reject, ShardLedger
+from fashionmv_builder.data_schema.reasons import RejectReason
 from fashionmv_builder.pipeline import run_local
 from fashionmv_builder.stages.ingest.sources.base import RawProduct, RawView
 from fashionmv_builder.stages.ingest.sources.manifest import ManifestCrawler, address_problem

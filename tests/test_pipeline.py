@@ -9,7 +9,6 @@ from typing import ClassVar
 import pyarrow as pa
 import pytest
 from conftest import jpeg_bytes, write
-from fashionmv_builder.data_schema.reasons import RejectReason
 from typer.testing import CliRunner
 
 from fashionmv_builder import pipeline
@@ -19,6 +18,7 @@ from fashionmv_builder.core.config import RunConfig, validate_config
 from fashionmv_builder.core.executor import LocalRunner, run_pipeline
 from fashionmv_builder.core.ledger import ConservationError, Reject
 from fashionmv_builder.core.stage import ShardOutput, ShardTask, Stage, Work
+from fashionmv_builder.data_schema.reasons import RejectReason
 
 COUNTS = pa.schema([("dataset", pa.string()), ("product_id", pa.string()), ("n_views", pa.int32())])
 
@@ -117,8 +117,9 @@ def test_a_stage_appended_to_the_pipeline_runs_from_the_command_line(tmp_path, w
 
 @pytest.mark.slow
 def test_a_stage_appended_to_the_pipeline_runs_in_the_prefect_flow(tmp_path, with_view_count):
-    from fashionmv_builder.flows.build_fashionmv import build_fashionmv
     from prefect.testing.utilities import prefect_test_harness
+
+    from fashionmv_builder.flows.build_fashionmv import build_fashionmv
 
     config = _config_file(tmp_path)
     with prefect_test_harness(server_startup_timeout=120):

@@ -57,8 +57,9 @@ def sample_catalogue(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def truth_build(sample_catalogue: Path, tmp_path_factory) -> Iterator[tuple[RunConfig, Answerer]]:
     """The sample's deepfashion and FashionGen-val layouts built by the Prefect flow, answered from the truth."""
-    from fashionmv_builder.flows.build_fashionmv import build_fashionmv
     from prefect.testing.utilities import prefect_test_harness
+
+    from fashionmv_builder.flows.build_fashionmv import build_fashionmv
 
     base = tmp_path_factory.mktemp("truth-build")
     with serve_ground_truth(sample_catalogue, media_root=base, wrong_share=WRONG_SHARE) as (url, answerer):
