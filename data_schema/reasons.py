@@ -39,6 +39,7 @@ class RejectReason(StrEnum):
     REMOVED_BY_VERIFIER = "removed_by_verifier"
     NO_CANDIDATES = "no_candidates"
     NO_TARGET_SELECTED = "no_target_selected"
+    TARGET_WITHDRAWN = "target_withdrawn"  # an incremental build: every target the source had left the build
 
 
 class RejectLevel(StrEnum):

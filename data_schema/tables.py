@@ -238,6 +238,8 @@ CANDIDATES = _schema(
         pa.field("candidate_ids", pa.list_(pa.string()), nullable=False),
         pa.field("union_ids", pa.list_(pa.string()), nullable=False),  # the union of the three paths, before sampling
         pa.field("union_size", pa.int32(), nullable=False),
+        pa.field("source_digest", pa.string()),  # the source as mined: its caption request and captions
+        pa.field("carried_over", pa.bool_()),  # kept from an earlier run: Stage 3 keeps its earlier answer
     ],
 )
 

@@ -8,9 +8,11 @@ import pyarrow.parquet as pq
 from conftest import jpeg_bytes, write
 from test_images import png_header_bomb
 
-from fashionmv_builder.core.config import load_config
+from fashionmv_builder.core.config import RefreshSlice, load_config
 from fashionmv_builder.core.shards import ShardStore
 from fashionmv_builder.pipeline import run_local
+from fashionmv_builder.stages.ingest.sources.base import RawProduct
+from fashionmv_builder.stages.ingest.stage import assign_shards
 
 
 def _catalogue(root: Path) -> None:
@@ -95,3 +97,34 @@ def test_ingest_rejects_conserves_and_resumes(tmp_path):
     images = marker["files"]["images"]
     assert images["path"] == "images/part-00000.parquet"  # relative to the stage's dataset folder: relocatable
     assert pq.read_metadata(tmp_path / "out" / "ingest" / "shop" / images["path"]).num_rows == images["rows"]
+
+
+def _listed(*ids: str) -> list[RawProduct]:
+    return [RawProduct("d", pid, ()) for pid in ids]
+
+
+def test_products_keep_their_shard_and_new_ones_top_up_the_last_then_fill_new_shards():
+    first = assign_shards(_listed("a", "c", "e", "g", "i"), {}, 2)
+    assert {s: [p.product_id for p in ps] for s, ps in first.items()} == {0: ["a", "c"], 1: ["e", "g"], 2: ["i"]}
+    previous = {s: {p.product_id for p in ps} for s, ps in first.items()}
+    grown = assign_shards(_listed("a", "b", "c", "d", "e", "f", "g", "i"), previous, 2)
+    assert {s: [p.product_id for p in ps] for s, ps in grown.items()} == {
+        0: ["a", "c"],
+        1: ["e", "g"],
+        2: ["b", "i"],  # the last shard topped up; listing order inside it
+        3: ["d", "f"],
+    }
+    # A withdrawn product leaves a smaller shard; a shard with no product left is gone.
+    shrunk = assign_shards(_listed("a", "e", "g"), {s: {p.product_id for p in ps} for s, ps in grown.items()}, 2)
+    assert {s: [p.product_id for p in ps] for s, ps in shrunk.items()} == {0: ["a"], 1: ["e", "g"]}
+
+
+def test_a_refresh_slice_is_seeded_stable_and_the_slices_cover_every_source_once():
+    ids = [f"p{i:05d}" for i in range(2000)]
+    slices = [RefreshSlice(share="10%", slice=n) for n in range(10)]
+    covering = [[s for s in slices if s.covers(pid, seed=0)] for pid in ids]
+    assert all(len(c) == 1 for c in covering)
+    sizes = [sum(s.covers(pid, 0) for pid in ids) for s in slices]
+    assert min(sizes) > 150 and max(sizes) < 250
+    assert RefreshSlice(share="all").covers("x", 0) and RefreshSlice(share=0.1, slice=13).slice == 13
+    assert [pid for pid in ids if slices[3].covers(pid, 1)] != [pid for pid in ids if slices[3].covers(pid, 0)]

@@ -6,6 +6,7 @@ import shlex
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
 from fashionmv_builder import pipeline
@@ -17,7 +18,7 @@ from fashionmv_builder.cli.common import (
     run_errors,
     with_run_config,
 )
-from fashionmv_builder.core.config import ConfigError, RunConfig
+from fashionmv_builder.core.config import ConfigError, RefreshSlice, RunConfig
 from fashionmv_builder.core.executor import failures
 from fashionmv_builder.core.stage import Stage, StageReport, Work
 
@@ -82,8 +83,21 @@ def _end(reports: dict[str, list[StageReport]]) -> None:
 def register(app: typer.Typer) -> None:
     @app.command()
     @with_run_config
-    def run(cfg: RunConfig, dataset: DatasetOpt = None) -> None:
-        """Run every stage of the pipeline in order; shards whose marker matches are skipped."""
+    def run(
+        cfg: RunConfig,
+        dataset: DatasetOpt = None,
+        refresh_triplets: Annotated[
+            str | None,
+            typer.Option(help="mine again this share of the existing sources (all, 10%, 0.1); new ones always are"),
+        ] = None,
+        refresh_slice: Annotated[int, typer.Option(min=0, help="which slice of that share (e.g. the day number)")] = 0,
+    ) -> None:
+        """Run every stage of the pipeline in order; shards whose marker matches are skipped, and existing sources
+        keep their triplets unless refreshed."""
+        if refresh_triplets is not None:
+            with one_line_errors(ValidationError):
+                refresh = RefreshSlice(share=refresh_triplets, slice=refresh_slice)  # type: ignore[arg-type]
+            cfg = cfg.model_copy(update={"triplets": cfg.triplets.model_copy(update={"refresh": refresh})})
         finish_run(cfg, run_stages(cfg, None, dataset))
 
     @app.command()

@@ -7,6 +7,7 @@ A build is one output folder (any fsspec URL). Its layout:
     <out>/<stage>/<dataset>/stats.json                   the stage's summed counts for the dataset
     <out>/<stage>/_answers/<key[:2]>/<key>.json          an LMM stage's stored answers
     <out>/lmm-images/, <out>/_lmm_server/                  images prepared for the LMM, the server a run started
+    <out>/_runs.jsonl                                      the last runs: what each stage redid, sent and replayed
 
 Every table a stage writes has one constant here (`TableRef`); stages declare what they read with them, and code
 after the build (report, export, publish, audit) reads through `Build` too, so renaming a stage or moving a table
@@ -19,6 +20,7 @@ stage declares them (the same shard number of a table, or every shard of it for 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -63,6 +65,10 @@ SPLIT_PRODUCTS = TableRef("candidates", "products")  # every product with its sp
 CANDIDATES = TableRef("candidates", "candidates")
 TRIPLETS = TableRef("select", "triplets")
 HARD_NEGATIVES = TableRef("select", "hard_negatives")
+
+
+RUNS_FILE = "_runs.jsonl"
+RUNS_KEPT = 30
 
 
 def rejects(stage: str) -> TableRef:
@@ -242,6 +248,18 @@ class Build:
             views[pid].sort(key=lambda v: v["file_name"])
         return dict(views)
 
+    def shard_members(self, ref: TableRef, dataset: str) -> dict[int, set[str]]:
+        """Per marked shard of `ref`'s stage, every product id it holds: those in `ref` and those it rejected."""
+        members: dict[int, set[str]] = {}
+        for m in self.markers(ref, dataset):
+            ids = set(self.read_shard(ref, dataset, m.shard, columns=["product_id"]).column("product_id").to_pylist())
+            if "rejects" in m.files:
+                ids |= set(
+                    self.read_shard(rejects(ref.stage), dataset, m.shard, ["product_id"])["product_id"].to_pylist()
+                )
+            members[m.shard] = ids
+        return members
+
     def product_shards(self, dataset: str) -> dict[str, int]:
         """Which shard each kept product is in (dedupe's, hence every later stage's)."""
         return {
@@ -270,6 +288,21 @@ class Build:
 
     def is_complete(self, stage: str, dataset: str, shard: int, config_hash: str, fingerprint: str) -> bool:
         return self.store(stage, dataset).is_complete(shard, config_hash, fingerprint)
+
+    # -- the history of runs -------------------------------------------------------------------------------
+
+    def record_run(self, entry: Mapping[str, Any], keep: int = RUNS_KEPT) -> None:
+        """Append one run's summary to the build's history (`_runs.jsonl`), keeping the last `keep` runs."""
+        history = [*self.runs(), dict(entry)][-keep:]
+        self.fs.pipe_file(f"{self.root}/{RUNS_FILE}", "".join(json.dumps(e) + "\n" for e in history).encode())
+
+    def runs(self) -> list[dict[str, Any]]:
+        """The build's recent runs, oldest first (what each stage redid, sent and replayed, per dataset)."""
+        try:
+            text = self.fs.cat_file(f"{self.root}/{RUNS_FILE}").decode()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     def answers(self, stage: str):  # -> AnswerStore (imported here only: the LMM package is not needed otherwise)
         from fashionmv_builder.lmm.calls import AnswerStore

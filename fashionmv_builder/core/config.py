@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from fashionmv_builder.data_schema.lmm_answers import WordBounds
 
@@ -230,6 +230,32 @@ class VerifyConfig(_Strict):
     remove: bool = True
 
 
+class RefreshSlice(_Strict):
+    """Which existing sources a run mines again (`fashionmv run --refresh-triplets`): the sources whose seeded hash
+    falls in slice `slice` of 1/`share` slices (rounded), so a catalogue can be refreshed a slice per day: slice n
+    on day n."""
+
+    share: float = Field(gt=0, le=1)
+    slice: int = Field(default=0, ge=0)
+
+    @field_validator("share", mode="before")
+    @classmethod
+    def _share_in_words(cls, value: Any) -> Any:
+        """`all`, `10%` or `0.1`."""
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text == "all":
+                return 1.0
+            if text.endswith("%"):
+                return float(text[:-1]) / 100
+        return value
+
+    def covers(self, product_id: str, seed: int) -> bool:
+        position = int.from_bytes(hashlib.sha256(f"{seed}:refresh:{product_id}".encode()).digest()[:8], "big") / 2**64
+        slices = max(1, round(1 / self.share))
+        return int(position * slices) == self.slice % slices
+
+
 class TripletsConfig(_Strict):
     """Stage 3: split, candidate mining and listwise selection."""
 
@@ -251,6 +277,9 @@ class TripletsConfig(_Strict):
     candidates_as: Literal["images", "captions"] = "images"  # captions save tokens
     candidate_max_pixels: int = Field(default=128 * 160, gt=0)  # candidates' views are sent smaller than the source's
     breaker_threshold: float = Field(default=0.3, gt=0, le=1)  # stop when this share of answers is invalid
+    # A run option, not a setting (in no stage's hash): existing sources keep their candidates and triplets unless
+    # covered by a refresh; new sources are always mined.
+    refresh: RefreshSlice | None = None
 
 
 LMM_SECTIONS = ("caption", "verify", "triplets")  # the config sections of the LMM stages

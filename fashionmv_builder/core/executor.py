@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import datetime as dt
 import functools
 import logging
 import math
@@ -23,6 +24,7 @@ import signal
 import sys
 import time
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -33,7 +35,7 @@ from tqdm import tqdm
 from fashionmv_builder.core.build import Build
 from fashionmv_builder.core.config import RunConfig
 from fashionmv_builder.core.lock import run_lock
-from fashionmv_builder.core.shards import ShardMarker
+from fashionmv_builder.core.shards import ShardMarker, ShardStore
 from fashionmv_builder.core.stage import DatasetPlan, ShardOutput, ShardTask, Stage, StageReport, Work
 
 if TYPE_CHECKING:
@@ -128,8 +130,24 @@ def finish_dataset(stage: Stage, plan: DatasetPlan, runtime: dict | None = None)
     else:
         previous = {k: v for k, v in (store.read_stats() or {}).items() if k not in _STATS_KEYS}
         extra = {**previous, **stage.finish(plan)}
+    extra["this_run"] = this_run(store, plan)
     skipped = len(plan.tasks) - len(plan.todo)
     return StageReport(stage.name, plan.dataset, len(plan.tasks), skipped, store.write_stats(extra))
+
+
+def this_run(store: ShardStore, plan: DatasetPlan) -> dict:
+    """What this run did for the dataset, beside the totals of every shard: the shards it redid, those whose files
+    it rewrote (a redone shard with the same result keeps its files), and the counts of the redone shards (requests
+    sent, replayed and carried over, products in and out)."""
+    redone = [m for t in plan.todo if (m := store.read_marker(t.shard)) is not None]
+    counts: Counter[str] = Counter()
+    for marker in redone:
+        counts.update(marker.counts)
+    return {
+        "shards_redone": len(plan.todo),
+        "shards_rewritten": sum(m.files_changed for m in redone),
+        "counts": dict(sorted(counts.items())),
+    }
 
 
 # -- runners -----------------------------------------------------------------------------------------------
@@ -278,6 +296,7 @@ def run_pipeline(
     skipped: set[str] = set()
     build = Build(config.output_dir)
     build.check_writable()  # before any work: a bad output_dir is one line now, not a traceback after decoding
+    started = dt.datetime.now(dt.UTC)
     with ExitStack() as stack:
         stack.enter_context(run_lock(build))
         servers = StageServers(config, [s for s in stages if s.work is Work.LMM])  # type: ignore[misc]
@@ -299,7 +318,36 @@ def run_pipeline(
                 lmm = LmmRun(functools.partial(servers.endpoints, stage))
             reports[stage.name] = runner.run_stage(stage, datasets, lmm, pilot)
             datasets = [r.dataset for r in reports[stage.name] if r.error is None]
+        build.record_run(run_summary(config, reports, started))
     return reports
+
+
+_RUN_COUNTS = ("products_in", "products_out", "requests_sent", "answers_replayed", "answers_carried_over")
+
+
+def run_summary(config: RunConfig, reports: dict[str, list[StageReport]], started: dt.datetime) -> dict:
+    """One line of the build's run history: per stage and dataset, what this run changed and what it cost."""
+    stages: dict[str, dict] = {}
+    for name, rs in reports.items():
+        for r in rs:
+            run = r.stats.get("this_run", {})
+            entry = {k: run[k] for k in ("shards_redone", "shards_rewritten") if k in run}
+            entry |= {k: v for k, v in run.get("counts", {}).items() if k in _RUN_COUNTS}
+            if "change" in r.stats:  # ingest's products added, kept and withdrawn: found by every run's planning
+                entry["change"] = r.stats["change"]
+            if "sources" in r.stats and run.get("shards_redone"):  # candidates: sources mined or carried over
+                entry["sources"] = r.stats["sources"]
+            if r.error is not None:
+                entry["error"] = r.error
+            stages.setdefault(name, {})[r.dataset] = entry
+    finished = dt.datetime.now(dt.UTC)
+    return {
+        "started": started.isoformat(timespec="seconds"),
+        "finished": finished.isoformat(timespec="seconds"),
+        "run": config.name,
+        "config_hash": config.config_hash(),
+        "stages": stages,
+    }
 
 
 def failures(reports: dict[str, list[StageReport]]) -> list[str]:

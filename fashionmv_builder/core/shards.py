@@ -78,6 +78,7 @@ class ShardMarker(BaseModel):
     input_fingerprint: str
     files: dict[str, ShardFile]
     counts: dict[str, int]
+    files_changed: bool = True  # False: redone with the very bytes it had, so its files were left as they were
 
 
 def _compression(schema: pa.Schema) -> dict[str, str]:
@@ -156,8 +157,12 @@ class ShardStore:
         counts: Mapping[str, int],
         metadata: Mapping[str, str] | None = None,
     ) -> ShardMarker:
-        """Write every table of the shard, then the marker: the marker is the commit."""
+        """Write every table of the shard, then the marker: the marker is the commit. A table whose bytes are those
+        the shard's intact file already holds is not rewritten, so a shard redone with the same result (a dataset-wide
+        stage after a change elsewhere in the dataset) keeps its files, and the stages after it skip it."""
+        earlier = self.read_marker(shard)
         files = {}
+        changed = False
         extra = {k.encode(): v.encode() for k, v in (metadata or {}).items()}
         extra[b"fashionmv.config_hash"] = config_hash.encode()
         for name, table in tables.items():
@@ -166,9 +171,17 @@ class ShardStore:
             pq.write_table(table, buf, compression=_compression(table.schema))
             data = buf.getvalue()
             path = self.table_path(name, shard)
-            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            self.fs.pipe_file(path, data)
             sha256 = hashlib.sha256(data).hexdigest()
+            unchanged = (
+                earlier is not None
+                and name in earlier.files
+                and earlier.files[name].sha256 == sha256
+                and self.problem(earlier, name) is None
+            )
+            changed |= not unchanged
+            if not unchanged:
+                self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+                self.fs.pipe_file(path, data)
             files[name] = ShardFile(
                 path=path.removeprefix(f"{self.base}/"), sha256=sha256, rows=table.num_rows, size=len(data)
             )
@@ -182,6 +195,7 @@ class ShardStore:
             input_fingerprint=input_fingerprint,
             files=files,
             counts=dict(counts),
+            files_changed=changed,
         )
         self.fs.makedirs(f"{self.base}/{MARKERS}", exist_ok=True)
         self.fs.pipe_file(self.marker_path(shard), marker.model_dump_json(indent=1).encode())

@@ -122,7 +122,7 @@ class LmmStage(Stage):
         return {
             "prompt_sha": hashlib.sha256(self.prompt.text.encode()).hexdigest(),
             # its own lmm section: only the fields that change answers count, and they are in "lmm" below
-            "settings": self.section.model_dump(mode="json", exclude={"lmm"}),
+            "settings": self.section.model_dump(mode="json", exclude={"lmm", "refresh"}),
             "lmm": lmm.model_dump(
                 mode="json",
                 include={"model", "model_revision", "words", "temperature", "retry_temperature", "seed"}
@@ -232,10 +232,15 @@ class LmmStage(Stage):
     def run_shard(self, task: ShardTask) -> ShardOutput:
         raise TypeError(f"{self.name} is an LMM stage: its shards run through run_lmm_shards or run_lmm_shard")
 
+    def carried(self, item: Item, ledger: ShardLedger) -> dict[str, list[dict]] | Reject | None:
+        """An item's outcome kept from an earlier run without asking (an incremental build); None: ask."""
+        return None
+
     async def answer_shard(self, task: ShardTask, ctx: StageContext) -> ShardOutput:
         items = self.load_items(task)
         ledger = self.ledger(task.dataset)
-        asks = [self.ask(item, ctx) for item in items]
+        kept = {i: found for i, item in enumerate(items) if (found := self.carried(item, ledger)) is not None}
+        asks = {i: self.ask(item, ctx) for i, item in enumerate(items) if i not in kept}
         tasks = [
             asyncio.ensure_future(
                 call_validated(
@@ -250,7 +255,7 @@ class LmmStage(Stage):
                     check=a.check,
                 )
             )
-            for a in asks
+            for a in asks.values()
         ]
         outcomes: list[CallOutcome] = []
         try:
@@ -263,20 +268,11 @@ class LmmStage(Stage):
                 t.cancel()
         by_key = {o.key: o for o in outcomes}
         rows: dict[str, list[dict]] = {name: [] for name in self.writes}
-        for item, ask in zip(items, asks, strict=True):
-            outcome = by_key[ask_key(ask)]
+        for i, item in enumerate(items):
             n_views = len(item.views)
             ledger.take(n_views)
-            ledger.counts["tokens_in"] += outcome.tokens_in
-            ledger.counts["tokens_out"] += outcome.tokens_out
-            ledger.counts["requests_sent"] += outcome.attempts - outcome.from_store
-            ledger.counts["answers_replayed"] += outcome.from_store
-            ledger.counts["request_milliseconds"] += round(outcome.seconds * 1000)
-            if outcome.answer is None:
-                detail = f"{outcome.attempts} answers failed validation; last: {outcome.error}"
-                produced: dict[str, list[dict]] | Reject = Reject(RejectReason.INVALID_LMM_ANSWER, detail)
-            else:
-                produced = self.accept(item, outcome, ledger)
+            ledger.counts["answers_carried_over"] += i in kept
+            produced = kept[i] if i in kept else self.settle(item, by_key[ask_key(asks[i])], ledger)
             if isinstance(produced, Reject):
                 ledger.reject_product(produced, item.product["product_id"], views_left=n_views)
                 continue
@@ -285,6 +281,18 @@ class LmmStage(Stage):
             ledger.keep(n_views)
         tables = {name: pa.Table.from_pylist(rows[name], schema=schema) for name, schema in self.writes.items()}
         return ShardOutput(tables, ledger)
+
+    def settle(self, item: Item, outcome: CallOutcome, ledger: ShardLedger) -> dict[str, list[dict]] | Reject:
+        """Count an answered item's request, then turn its answer into rows (or a reject)."""
+        ledger.counts["tokens_in"] += outcome.tokens_in
+        ledger.counts["tokens_out"] += outcome.tokens_out
+        ledger.counts["requests_sent"] += outcome.attempts - outcome.from_store
+        ledger.counts["answers_replayed"] += outcome.from_store
+        ledger.counts["request_milliseconds"] += round(outcome.seconds * 1000)
+        if outcome.answer is None:
+            detail = f"{outcome.attempts} answers failed validation; last: {outcome.error}"
+            return Reject(RejectReason.INVALID_LMM_ANSWER, detail)
+        return self.accept(item, outcome, ledger)
 
     def is_bad(self, outcome: CallOutcome) -> bool:
         return outcome.answer is None

@@ -199,12 +199,42 @@ def _redundancy(config: RunConfig, build: Build, dataset: str, triplets: pd.Data
     return result
 
 
+RUNS_SHOWN = 10
+RUN_HEADER = ["finished", "dataset", "products +added / −withdrawn", "shards rewritten"] + [
+    f"{stage}: sent / replayed / carried over" for stage in LMM_STAGES
+]
+
+
+def run_rows(runs: list[dict]) -> list[list[object]]:
+    """The build's recent runs, one row per run and dataset: what changed and what the LMM stages were asked."""
+    rows: list[list[object]] = []
+    for run in runs:
+        stages = run.get("stages", {})
+        for dataset, ingest in stages.get("ingest", {}).items():
+            change = ingest.get("change", {})
+            rewritten = sum(s.get(dataset, {}).get("shards_rewritten", 0) for s in stages.values())
+            row: list[object] = [
+                run["finished"],
+                dataset,
+                f"+{change.get('added', 0)} / −{change.get('withdrawn', 0)}",
+                rewritten,
+            ]
+            for stage in LMM_STAGES:
+                s = stages.get(stage, {}).get(dataset, {})
+                row.append(
+                    f"{s.get('requests_sent', 0)} / {s.get('answers_replayed', 0)} / {s.get('answers_carried_over', 0)}"
+                )
+            rows.append(row)
+    return rows
+
+
 def build_report(config: RunConfig) -> dict:
     build = Build(config.output_dir)
     report: dict = {
         "output_dir": config.output_dir,
         "config_hash": config.config_hash(),
         "lmm_cost": _lmm_cost(config, build),
+        "runs": build.runs()[-RUNS_SHOWN:],
         "datasets": {},
     }
     for source in config.sources:
@@ -293,6 +323,10 @@ def to_markdown(report: dict) -> str:
                 lines.append(f"| {name} | {r['R@1']} | {r['R@5']} | {r['R@10']} |")
         if "note" in m:
             lines += ["", f"**{m['note']}**"]
+        lines.append("")
+    if rows := run_rows(report.get("runs", [])):
+        lines += ["## Recent runs", "", "| " + " | ".join(RUN_HEADER) + " |", "|---|---|---|" + "---:|" * 4]
+        lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
         lines.append("")
     lines += [
         "## LMM cost of the build",

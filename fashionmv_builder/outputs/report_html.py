@@ -29,6 +29,7 @@ from PIL import Image
 from fashionmv_builder.core.build import CANDIDATES
 from fashionmv_builder.core.config import RunConfig
 from fashionmv_builder.outputs.contact_sheets import Sheet, write_contact_sheets
+from fashionmv_builder.outputs.report import RUN_HEADER, run_rows
 
 STAGE_LABELS = {CANDIDATES.stage: f"{CANDIDATES.stage} (split)"}
 COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3")
@@ -386,6 +387,8 @@ def render_html(report: dict, sheets: dict[str, list[Sheet]] | None = None) -> s
         notes=notes,
         cost_svg=_safe(cost_svg(cost)),
         cost_rows=cost_rows,
+        run_header=RUN_HEADER,
+        run_rows=run_rows(report.get("runs", [])),
         datasets=[_dataset(d, v, None if sheets is None else sheets.get(d, [])) for d, v in datasets.items()],
     )
 

@@ -14,36 +14,53 @@ so no triplet can cross splits.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import faiss
 import numpy as np
 import pyarrow as pa
 
 from fashionmv_builder.core.build import CANDIDATES, CAPTIONS, DEDUPE_PRODUCTS, EMBEDDINGS, SPLIT_PRODUCTS, Build
-from fashionmv_builder.core.config import RunConfig
+from fashionmv_builder.core.config import RunConfig, digest
 from fashionmv_builder.core.ledger import Reject
-from fashionmv_builder.core.stage import ShardOutput, ShardTask, Stage, Work
+from fashionmv_builder.core.stage import DatasetPlan, ShardOutput, ShardTask, Stage, Work
 from fashionmv_builder.data_schema import tables
 from fashionmv_builder.data_schema.reasons import RejectReason
 from fashionmv_builder.stages.split import split_of
+
+
+class Mined(NamedTuple):
+    """A source's candidates: shown (in shown order), the union they were sampled from, and whether they were kept
+    from an earlier run rather than mined in this one."""
+
+    shown: list[str]
+    union: list[str]
+    carried_over: bool
 
 
 @dataclass
 class Pool:
     """Every product of one dataset that reached Stage 3, with what mining needs."""
 
-    rows: list[dict]  # product_id, split, group_key, cluster_id, category, gender, shard
+    rows: list[dict]  # product_id, split, group_key, cluster_id, category, gender, shard, digest
     image: np.ndarray
     long: np.ndarray
     short: np.ndarray
 
 
+def product_digest(caption: dict) -> str:
+    """What a product is to Stage 3: its views (the caption request's key covers them) and its captions. A product
+    whose digest changed since its candidates were mined is mined again."""
+    return digest([caption["request_sha256"], caption["long_caption"], caption["short_caption"]])
+
+
 def load_pool(build: Build, config: RunConfig, dataset: str) -> Pool:
     t = config.triplets
     dedupe = {r["product_id"]: r for r in build.rows(DEDUPE_PRODUCTS, dataset)}
-    captions = {r["product_id"]: r for r in build.rows(CAPTIONS, dataset, ["product_id", "category", "gender"])}
+    caption_columns = ["product_id", "category", "gender", "long_caption", "short_caption", "request_sha256"]
+    captions = {r["product_id"]: r for r in build.rows(CAPTIONS, dataset, caption_columns)}
     rows, image, long, short = [], [], [], []
     for marker in build.markers(EMBEDDINGS, dataset):
         for e in build.read_shard(EMBEDDINGS, dataset, marker.shard).to_pylist():
@@ -57,6 +74,7 @@ def load_pool(build: Build, config: RunConfig, dataset: str) -> Pool:
                     "category": captions[e["product_id"]]["category"],
                     "gender": captions[e["product_id"]]["gender"],
                     "shard": marker.shard,
+                    "digest": product_digest(captions[e["product_id"]]),
                 }
             )
             image.append(e["image"])
@@ -110,32 +128,72 @@ class CandidatesStage(Stage):
     """Stage 3: split train/val by group, mine each source's candidates inside its split (three paths)."""
 
     name = CANDIDATES.stage
-    version = "2"  # 2: candidates carry the whole union
+    version = "3"  # 2: candidates carry the whole union; 3: and whether they were kept from an earlier run
     work = Work.DATASET
     # Mining looks at whole splits: every shard reads every embedding of the dataset.
     reads = (EMBEDDINGS.every_shard(), DEDUPE_PRODUCTS.every_shard(), CAPTIONS.every_shard())
     writes: ClassVar[dict] = {SPLIT_PRODUCTS.table: tables.SPLIT_PRODUCTS, CANDIDATES.table: tables.CANDIDATES}
 
     def settings(self, dataset: str) -> dict:
-        return {"triplets": self.config.triplets.model_dump(mode="json", exclude={"lmm"})}  # the model does not mine
+        # The model does not mine, and a refresh is a run option: neither is a reason to redo the candidates.
+        return {"triplets": self.config.triplets.model_dump(mode="json", exclude={"lmm", "refresh"})}
+
+    def plan(self, dataset: str) -> DatasetPlan:
+        """A refresh redoes every shard (the slice's sources are anywhere); otherwise shards whose inputs changed."""
+        plan = super().plan(dataset)
+        if plan.error is None and self.config.triplets.refresh is not None:
+            plan.todo = list(plan.tasks)
+        return plan
+
+    def earlier(self, dataset: str) -> dict[str, dict]:
+        """The candidates rows this stage wrote with the same settings, by source: kept unless the run refreshes
+        them or the source changed."""
+        store = self.build.store(self.name, dataset)
+        current = self.config_hash(dataset)
+        return {
+            row["product_id"]: row
+            for marker in store.markers()
+            if marker.config_hash == current
+            for row in store.read_part(marker, CANDIDATES.table).to_pylist()
+        }
 
     def prepare(self, dataset: str, todo: list[ShardTask]) -> tuple[list[ShardTask], dict]:
+        """Mine new, changed and refreshed sources over the whole split; keep the rest's earlier candidates (less
+        the products no longer in the build), so Stage 3 keeps their earlier answers and asks nothing."""
+        t = self.config.triplets
         pool = load_pool(self.build, self.config, dataset)
         mined = {}
         for split in ("train", "val"):
             mined.update(mine(pool, split, self.config))
-        payloads: dict[int, list[tuple[dict, tuple[list[str], list[str]]]]] = {t.shard: [] for t in todo}
+        earlier = self.earlier(dataset)
+        alive = {r["product_id"] for r in pool.rows}
+        decided: dict[str, Mined] = {}
+        for r in pool.rows:
+            pid, before = r["product_id"], earlier.get(r["product_id"])
+            refreshed = t.refresh is not None and t.refresh.covers(pid, t.seed)
+            if (
+                before is None
+                or refreshed
+                or before.get("source_digest") != r["digest"]
+                or before["split"] != r["split"]
+            ):
+                decided[pid] = Mined(*mined[pid], carried_over=False)
+            else:
+                keep = [c for c in before["candidate_ids"] if c in alive]
+                decided[pid] = Mined(keep, [c for c in before["union_ids"] if c in alive], carried_over=True)
+        payloads: dict[int, list[tuple[dict, Mined]]] = {task.shard: [] for task in todo}
         for r in pool.rows:
             if r["shard"] in payloads:
-                payloads[r["shard"]].append((r, mined[r["product_id"]]))
-        return [replace(t, payload=payloads[t.shard]) for t in todo], {}
+                payloads[r["shard"]].append((r, decided[r["product_id"]]))
+        counts = Counter("carried_over" if m.carried_over else "mined" for m in decided.values())
+        return [replace(task, payload=payloads[task.shard]) for task in todo], {"sources": dict(counts)}
 
     def run_shard(self, task: ShardTask) -> ShardOutput:
         ledger = self.ledger(task.dataset)
         products, candidates = [], []
-        for r, (shown, union) in task.payload:
+        for r, (shown, union, carried_over) in task.payload:
             ledger.take(0)
-            products.append({k: v for k, v in r.items() if k != "shard"} | {"dataset": task.dataset})
+            products.append({k: v for k, v in r.items() if k not in ("shard", "digest")} | {"dataset": task.dataset})
             ledger.counts[f"products_{r['split']}"] += 1
             if not shown:
                 detail = f"no candidate in its split ({r['split']}) after excluding itself and its cluster"
@@ -152,6 +210,8 @@ class CandidatesStage(Stage):
                     "candidate_ids": shown,
                     "union_ids": union,
                     "union_size": len(union),
+                    "source_digest": r["digest"],
+                    "carried_over": carried_over,
                 }
             )
         return ShardOutput(

@@ -17,7 +17,7 @@ from fashionmv_builder.core.ledger import Reject, ShardLedger
 from fashionmv_builder.core.stage import ShardTask
 from fashionmv_builder.data_schema import tables
 from fashionmv_builder.data_schema.lmm_answers import selection_answer
-from fashionmv_builder.data_schema.reasons import RejectReason
+from fashionmv_builder.data_schema.reasons import RejectLevel, RejectReason
 from fashionmv_builder.lmm.calls import CallOutcome
 from fashionmv_builder.lmm.harness import (
     Ask,
@@ -54,6 +54,7 @@ class SelectStage(LmmStage):
         self._shard_of: dict[str, dict[str, int]] = {}  # dataset → product → shard
         self._captions: dict[str, dict[str, str]] = {}  # dataset → product → short caption
         self._prepared: dict[tuple[str, str, int], list[PreparedImage]] = {}  # (dataset, product, budget) → images
+        self._earlier: dict[str, dict[str, dict[str, list[dict]] | Reject]] = {}  # dataset → source → earlier outcome
 
     # -- inputs --------------------------------------------------------------------------------------------------
 
@@ -64,6 +65,22 @@ class SelectStage(LmmStage):
         self._captions[dataset] = {r["product_id"]: r["short_caption"] for r in captions}
         self._shard_of[dataset] = self.build.product_shards(dataset)
         self._views[dataset] = self.build.kept_views(dataset, with_bytes=False)
+        self._earlier[dataset] = self.earlier_outcomes(dataset)
+
+    def earlier_outcomes(self, dataset: str) -> dict[str, dict[str, list[dict]] | Reject]:
+        """What this stage wrote for each source with the same settings: its triplets and hard negatives, or its
+        reject. Read before any shard of this run is written."""
+        store = self.build.store(self.name, dataset)
+        current = self.config_hash(dataset)
+        found: dict[str, dict[str, list[dict]] | Reject] = {}
+        for marker in (m for m in store.markers() if m.config_hash == current):
+            for name in self.writes:
+                for row in store.read_part(marker, name).to_pylist():
+                    found.setdefault(row["source_id"], {n: [] for n in self.writes})[name].append(row)  # type: ignore[index]
+            for row in store.read_part(marker, "rejects").to_pylist():
+                if row["level"] == RejectLevel.PRODUCT:
+                    found[row["product_id"]] = Reject(RejectReason(row["reason"]), row["detail"])
+        return found
 
     def _prepare(self, dataset: str, wanted: set[str], media: dict[int, MediaCache]) -> None:
         """Resize (once, into the content-addressed cache) the views of products not prepared yet."""
@@ -136,6 +153,30 @@ class SelectStage(LmmStage):
         return self.make_ask(model, content, hashes, texts, check=self.check)
 
     # -- the answer ----------------------------------------------------------------------------------------------
+
+    def carried(self, item: Item, ledger: ShardLedger) -> dict[str, list[dict]] | Reject | None:
+        """A source whose candidates were kept from an earlier run keeps that run's answer, less what refers to
+        products no longer among its candidates (withdrawn from the catalogue): no request for it."""
+        p = item.product
+        if not p.get("carried_over"):
+            return None
+        before = self._earlier[p["dataset"]].get(p["product_id"])
+        if before is None or isinstance(before, Reject):
+            return before  # None: no earlier answer with these settings, so ask
+        shown = set(p["candidate_ids"])
+        triplets = [
+            {**t, "candidate_ids": [c for c in t["candidate_ids"] if c in shown]}
+            for t in before[TRIPLETS.table]
+            if t["target_id"] in shown
+        ]
+        if not triplets:
+            gone = sorted({t["target_id"] for t in before[TRIPLETS.table]})
+            return Reject(RejectReason.TARGET_WITHDRAWN, f"its targets {gone} are no longer in the build")
+        kept = {t["triplet_id"] for t in triplets}
+        negatives = [n for n in before[HARD_NEGATIVES.table] if n["triplet_id"] in kept and n["negative_id"] in shown]
+        ledger.counts["triplets"] += len(triplets)
+        ledger.counts["triplets_multi_view"] += sum(len(t["views_involved"]) >= 2 for t in triplets)
+        return {TRIPLETS.table: triplets, HARD_NEGATIVES.table: negatives}
 
     def check(self, answer) -> str | None:
         """Rules the schema cannot express: no candidate twice, and distinct views spanning enough of them."""
