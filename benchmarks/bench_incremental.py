@@ -30,7 +30,7 @@ STAGES = ("ingest", "dedupe", "caption", "verify", "embed", "candidates", "selec
 def _run(config) -> tuple[dict[str, dict], float]:
     start = time.perf_counter()
     reports = run_local(config)
-    return {stage: rs[0].stats["this_run"] for stage, rs in reports.items()}, time.perf_counter() - start
+    return {stage: rs[0].run for stage, rs in reports.items()}, time.perf_counter() - start
 
 
 def _sent(run: dict) -> int:

@@ -63,6 +63,7 @@ IMAGES = _schema(
         pa.field("sha256", pa.string(), nullable=False),
         pa.field("source_uri", pa.string(), nullable=False),
         pa.field("licence", pa.string()),
+        pa.field("source_stamp", pa.string()),  # the file's change stamp when read: unchanged files are not read again
     ],
     hf_features={
         "dataset": {"dtype": "string", "_type": "Value"},
@@ -79,6 +80,7 @@ IMAGES = _schema(
         "sha256": {"dtype": "string", "_type": "Value"},
         "source_uri": {"dtype": "string", "_type": "Value"},
         "licence": {"dtype": "string", "_type": "Value"},
+        "source_stamp": {"dtype": "string", "_type": "Value"},
     },
 )
 

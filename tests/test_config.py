@@ -55,3 +55,16 @@ def test_embedded_sample_config_is_valid():
     cfg = load_config(Path(__file__).parents[1] / "configs" / "sample.yaml")
     assert cfg.shard_size == 25
     assert {s.kind for s in cfg.sources} >= {"deepfashion", "fashion200k", "fashiongen"}
+
+
+def test_a_refresh_is_a_run_option_in_no_stage_hash(tmp_path):
+    from fashionmv_builder.pipeline import build_stages
+
+    path = _write(tmp_path, BASE + "lmm:\n  endpoints: ['http://127.0.0.1:1']\n")
+    plain = load_config(path)
+    refresh = load_config(path, {"triplets.refresh.share": "10%", "triplets.refresh.slice": 3})
+    assert (refresh.triplets.refresh.share, refresh.triplets.refresh.slice) == (0.1, 3)
+    for a, b in zip(build_stages(plain), build_stages(refresh), strict=True):
+        assert a.config_hash("shop") == b.config_hash("shop"), a.name
+    with pytest.raises(ConfigError, match=r"triplets\.refresh\.share"):
+        load_config(path, {"triplets.refresh.share": "0%"})

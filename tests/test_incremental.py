@@ -32,6 +32,7 @@ from fashionmv_builder.core.build import (
 from fashionmv_builder.core.config import RefreshSlice, RunConfig, validate_config
 from fashionmv_builder.devtools.ground_truth_server import MODEL_NAME, TRUTH_WORDS, serve_ground_truth
 from fashionmv_builder.devtools.sample_catalogue import generate_sample
+from fashionmv_builder.outputs.publish import REPO_DIR, PublishOptions, publish
 from fashionmv_builder.pipeline import run_local
 
 pytestmark = pytest.mark.slow
@@ -70,12 +71,19 @@ def _rows(build: Build, ref: TableRef, key: str) -> dict[str, list[dict]]:
     return found
 
 
+def _publish(config: RunConfig, root: Path) -> dict[str, str]:
+    """The Hub repo folder a publish with images would upload (a dry run): sha256 of each data file."""
+    publish(config, PublishOptions(repo_id="org/incremental", with_images=True), dry_run=True, root=root)
+    folder = root / REPO_DIR / "data"
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*.parquet")}
+
+
 class Snapshot:
     """A build after one run: its run report, files and the rows later runs must keep."""
 
     def __init__(self, out: Path, reports: dict) -> None:
         build = Build(str(out))
-        self.run = {stage: rs[0].stats["this_run"] for stage, rs in reports.items()}
+        self.run = {stage: rs[0].run for stage, rs in reports.items()}
         self.stats = {stage: rs[0].stats for stage, rs in reports.items()}
         self.files = _files(out)
         self.captions = _rows(build, CAPTIONS, "product_id")
@@ -100,9 +108,11 @@ def runs(tmp_path_factory) -> Iterator[dict]:
     snaps: dict = {"added": set(added)}
     with serve_ground_truth(catalogue, media_root=base, wrong_share=0.1) as (url, _answerer):
         snaps["first"] = Snapshot(out, run_local(_config(root, out, url)))
+        snaps["published_first"] = _publish(_config(root, out, url), base / "publish-first")
         for name in added:
             shutil.move(aside / name, root / name)
         snaps["grown"] = Snapshot(out, run_local(_config(root, out, url)))
+        snaps["published_grown"] = _publish(_config(root, out, url), base / "publish-grown")
 
         build = Build(str(out))
         single = {r["product_id"] for r in build.rows(DEDUPE_PRODUCTS, DATASET) if r["cluster_size"] == 1}
@@ -130,6 +140,8 @@ def test_adding_products_redoes_only_their_shards_and_asks_only_about_them(runs)
         assert members <= grown.ingest_shards[shard]
     holding_new = {s for s, members in grown.ingest_shards.items() if members & added}
     assert grown.run["ingest"]["shards_redone"] == len(holding_new) < len(grown.ingest_shards)
+    # The old products of a topped-up shard are not read and decoded again.
+    assert grown.run["ingest"]["counts"]["views_not_read_again"] > 0
     assert grown.run["dedupe"]["shards_rewritten"] <= len(holding_new)
     # Captions and verdicts: requests only for new products (old ones in a topped-up shard are replayed).
     new_captioned = added & set(grown.captions)
@@ -208,5 +220,17 @@ def test_a_refresh_mines_exactly_its_slice_and_the_same_refresh_again_asks_nothi
 def test_the_build_keeps_a_history_of_its_runs(runs):
     history = Build(str(runs["out"])).runs()
     assert len(history) == 5
-    assert [h["stages"]["ingest"][DATASET]["change"]["added"] for h in history] == [180, 20, 0, 0, 0]
+    assert [h["stages"]["ingest"][DATASET].get("change", {}).get("added") for h in history] == [180, 20, 0, None, None]
+    assert history[2]["stages"]["ingest"][DATASET]["change"]["withdrawn"] == 10
     assert history[1]["stages"]["select"][DATASET]["answers_carried_over"] > 0
+
+
+def test_publishing_an_increment_uploads_unchanged_image_shards_as_the_same_bytes(runs):
+    """The Hub stores files by content: an image shard with the same bytes is not sent again, whatever its name."""
+    first, grown = runs["published_first"], runs["published_grown"]
+    images_first = {sha for path, sha in first.items() if path.startswith("products/")}
+    images_grown = {sha for path, sha in grown.items() if path.startswith("products/")}
+    shards_with_new = {s for s, members in runs["grown"].ingest_shards.items() if members & runs["added"]}
+    splits = 2
+    assert len(images_grown - images_first) <= len(shards_with_new) * splits
+    assert len(images_first & images_grown) >= len(images_first) - len(shards_with_new) * splits > 0

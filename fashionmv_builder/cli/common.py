@@ -129,20 +129,20 @@ def stage_rows(reports: list[StageReport]) -> list[dict[str, Any]]:
                 "products out": c.get("products_out", 0),
                 "views in": c.get("views_in", 0),
                 "views out": c.get("views_out", 0),
-                "this run": run_change(r.stats),
+                "this run": run_change(r),
                 "rejects": r.error or reasons,
             }
         )
     return rows
 
 
-def run_change(stats: dict[str, Any]) -> str:
+def run_change(report: StageReport) -> str:
     """What this run changed, in words: shards rewritten, products added and withdrawn, LMM requests sent, replayed
     and carried over from earlier runs."""
-    run = stats.get("this_run", {})
+    run = report.run
     counts = run.get("counts", {})
     parts = [f"{run.get('shards_rewritten', 0)} shards rewritten"]
-    if change := stats.get("change"):
+    if run.get("shards_redone") and (change := report.stats.get("change")):
         parts.append(f"+{change['added']} −{change['withdrawn']} products")
     if any(k in counts for k in ("requests_sent", "answers_replayed")):
         parts.append(

@@ -118,21 +118,21 @@ def execute_shard(stage: Stage, task: ShardTask) -> ShardMarker:
 def finish_dataset(stage: Stage, plan: DatasetPlan, runtime: dict | None = None) -> StageReport:
     """After every planned shard is written: drop the markers of shards that no longer exist, sum the stats.
 
-    When no shard was redone, the stats' extra fields (thresholds, timings) stay as the run that wrote them left
-    them."""
+    When no shard was redone, the stats' extra fields (thresholds, timings, `last_run`) stay as the run that wrote
+    them left them: a rerun with nothing to do changes no file. What this run did is in the report's `run`."""
     if plan.error is not None:
         return StageReport(stage.name, plan.dataset, error=plan.error)
     store = stage.build.store(stage.name, plan.dataset)
     if plan.whole:
         store.remove_stale(t.shard for t in plan.tasks)
+    run = this_run(store, plan)
     if plan.todo:
-        extra = {**stage.finish(plan), **(runtime or {})}
+        extra = {**stage.finish(plan), **(runtime or {}), "last_run": run}
     else:
         previous = {k: v for k, v in (store.read_stats() or {}).items() if k not in _STATS_KEYS}
         extra = {**previous, **stage.finish(plan)}
-    extra["this_run"] = this_run(store, plan)
     skipped = len(plan.tasks) - len(plan.todo)
-    return StageReport(stage.name, plan.dataset, len(plan.tasks), skipped, store.write_stats(extra))
+    return StageReport(stage.name, plan.dataset, len(plan.tasks), skipped, store.write_stats(extra), run=run)
 
 
 def this_run(store: ShardStore, plan: DatasetPlan) -> dict:
@@ -318,7 +318,8 @@ def run_pipeline(
                 lmm = LmmRun(functools.partial(servers.endpoints, stage))
             reports[stage.name] = runner.run_stage(stage, datasets, lmm, pilot)
             datasets = [r.dataset for r in reports[stage.name] if r.error is None]
-        build.record_run(run_summary(config, reports, started))
+        if any(r.run.get("shards_redone") for rs in reports.values() for r in rs):  # a no-op rerun writes nothing
+            build.record_run(run_summary(config, reports, started))
     return reports
 
 
@@ -330,13 +331,12 @@ def run_summary(config: RunConfig, reports: dict[str, list[StageReport]], starte
     stages: dict[str, dict] = {}
     for name, rs in reports.items():
         for r in rs:
-            run = r.stats.get("this_run", {})
+            run = r.run
             entry = {k: run[k] for k in ("shards_redone", "shards_rewritten") if k in run}
             entry |= {k: v for k, v in run.get("counts", {}).items() if k in _RUN_COUNTS}
-            if "change" in r.stats:  # ingest's products added, kept and withdrawn: found by every run's planning
-                entry["change"] = r.stats["change"]
-            if "sources" in r.stats and run.get("shards_redone"):  # candidates: sources mined or carried over
-                entry["sources"] = r.stats["sources"]
+            for key in ("change", "sources"):  # ingest's products added and withdrawn; candidates' sources mined
+                if key in r.stats and run.get("shards_redone"):
+                    entry[key] = r.stats[key]
             if r.error is not None:
                 entry["error"] = r.error
             stages.setdefault(name, {})[r.dataset] = entry

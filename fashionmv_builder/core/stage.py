@@ -71,6 +71,7 @@ class StageReport:
     skipped: int = 0
     stats: dict = field(default_factory=dict)
     error: str | None = None
+    run: dict = field(default_factory=dict)  # what this run did (executor.this_run); stats.json keeps the last that did
 
     @property
     def counts(self) -> dict[str, int]:

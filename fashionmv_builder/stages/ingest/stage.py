@@ -79,7 +79,7 @@ class IngestStage(Stage):
     """Crawl the sources, validate and hash every image once, write product and image shards."""
 
     name = INGEST_PRODUCTS.stage
-    version = "1"
+    version = "2"  # 2: images record their source file's change stamp
     work = Work.SHARD
     reads = ()  # the sources, not the build
     writes: ClassVar[dict] = {INGEST_PRODUCTS.table: tables.PRODUCTS, INGEST_IMAGES.table: tables.IMAGES}
@@ -106,18 +106,31 @@ class IngestStage(Stage):
         tasks = [ShardTask(dataset, shard, listing_fingerprint(chunk), chunk) for shard, chunk in assigned.items()]
         before = set().union(*previous.values())
         now = {p.product_id for p in listed}
-        change = {"added": len(now - before), "kept": len(now & before), "withdrawn": len(before - now)}
-        return DatasetPlan(
-            dataset, tasks, self.pending(tasks), {"listing": dict(crawler.listing_counts), "change": change}
-        )
+        todo = self.pending(tasks)
+        extra: dict = {"listing": dict(crawler.listing_counts)}
+        if todo:  # nothing to do means nothing changed: stats.json keeps the last change
+            extra["change"] = {"added": len(now - before), "kept": len(now & before), "withdrawn": len(before - now)}
+        return DatasetPlan(dataset, tasks, todo, extra)
 
     def run_shard(self, task: ShardTask) -> ShardOutput:
         source = self.config.source(task.dataset)
         crawler = make_source(source, self.config)
         ledger = self.ledger(task.dataset)
         raw: tuple[RawProduct, ...] = task.payload
-        to_read = [v for p in raw if p.problem is None for v in p.views if v.problem is None]
-        fetched: dict[RawView, bytes | Reject] = dict(crawler.read_views(to_read))
+        earlier = self.earlier_views(task)
+        to_read = [
+            v
+            for p in raw
+            if p.problem is None
+            for v in p.views
+            if v.problem is None and (p.product_id, v.file_name, v.stamp) not in earlier
+        ]
+        fetched: dict[RawView, bytes | Reject | dict] = dict(crawler.read_views(to_read))
+        for p in raw:
+            for v in p.views:
+                if (found := earlier.get((p.product_id, v.file_name, v.stamp))) is not None:
+                    fetched[v] = found
+                    ledger.counts["views_not_read_again"] += 1
         products, images = [], []
         for product in raw:
             ledger.take(len(product.views))
@@ -157,13 +170,32 @@ class IngestStage(Stage):
             ledger,
         )
 
-    def _read_views(self, product: RawProduct, fetched: dict[RawView, bytes | Reject], ledger: ShardLedger) -> list:
+    def earlier_views(self, task: ShardTask) -> dict[tuple[str, str, str], dict]:
+        """The image rows this shard holds from an earlier run with the same settings, by product, file name and
+        change stamp: a view whose file has the same stamp is not read and decoded again (a shard redone because a
+        product was added to it or withdrawn from it)."""
+        store = self.build.store(self.name, task.dataset)
+        marker = store.read_marker(task.shard)
+        if marker is None or marker.config_hash != self.config_hash(task.dataset):
+            return {}
+        try:
+            rows = store.read_part(marker, INGEST_IMAGES.table)
+        except OSError:  # damaged: read the sources again
+            return {}
+        return {(r["product_id"], r["file_name"], r["source_stamp"]): r for r in rows.to_pylist() if r["source_stamp"]}
+
+    def _read_views(
+        self, product: RawProduct, fetched: dict[RawView, bytes | Reject | dict], ledger: ShardLedger
+    ) -> list:
         rows = []
         for index, view in enumerate(product.views):
             outcome = view.problem or fetched[view]
             try:
                 if isinstance(outcome, Reject):
                     raise Rejected(outcome)
+                if isinstance(outcome, dict):  # read in an earlier run: what the listing says may still differ
+                    rows.append({**outcome, **_listing_fields(product, index, view)})
+                    continue
                 rows.append(_image_row(product, index, view, outcome, self.config))
             except Rejected as err:
                 ledger.reject_view(
@@ -180,11 +212,7 @@ def _image_row(product: RawProduct, index: int, view: RawView, data: bytes, conf
         allowed_formats=config.ingest.allowed_formats,
     )
     return {
-        "dataset": product.dataset,
-        "product_id": product.product_id,
-        "view_index": index,
-        "file_name": view.file_name,
-        "view": view.view,
+        **_listing_fields(product, index, view),
         "image": {"bytes": checked.data, "path": f"{product.product_id}/{view.file_name}"},
         "format": checked.format,
         "width": checked.width,
@@ -192,6 +220,18 @@ def _image_row(product: RawProduct, index: int, view: RawView, data: bytes, conf
         "phash": checked.phash,
         "dhash": checked.dhash,
         "sha256": checked.sha256,
+    }
+
+
+def _listing_fields(product: RawProduct, index: int, view: RawView) -> dict:
+    """An image row's fields that come from the listing, not from the bytes."""
+    return {
+        "dataset": product.dataset,
+        "product_id": product.product_id,
+        "view_index": index,
+        "file_name": view.file_name,
+        "view": view.view,
         "source_uri": view.locator,
         "licence": product.licence,
+        "source_stamp": view.stamp,
     }
