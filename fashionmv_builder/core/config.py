@@ -119,6 +119,15 @@ class DedupeConfig(_Strict):
     # Source categories that are clothing (case-insensitive; a category matches by itself or by its first
     # `/`-separated part). None: no category filter. Products without a category always pass (the captioner decides).
     clothing_categories: tuple[str, ...] | None = None
+    # The learned pass (stages/dedupe/learned.py), with the embed stage's image encoder (embed.image), over product
+    # pairs the hashes make plausible or that share a source group: view pairs within this cosine get the
+    # crop-tolerant thumbnail check (crops of 3%/edge to their originals: 0.87 and up with EfficientNet-Lite0) ...
+    learned: bool = True
+    learned_min_cosine: float = Field(default=0.85, ge=-1, le=1)
+    # ... and a product of 3+ views may leave this many views unmatched (one photo swapped), unless a left-over
+    # view nearly matches one of the other product's (hashes within the cross radii, or at least this cosine)
+    learned_max_unmatched: int = Field(default=1, ge=0)
+    learned_conflict_cosine: float = Field(default=0.9, ge=-1, le=1)
 
     @model_validator(mode="after")
     def _view_range(self) -> DedupeConfig:
