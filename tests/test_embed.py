@@ -130,3 +130,43 @@ def test_embed_stage_encodes_each_view_once_and_records_its_speed(tmp_path):
         reports = run_local(validate_config(config), ["embed"])["embed"]
         assert all(r.skipped == 0 for r in reports)
         assert len(build.read(EMBEDDINGS, "a").column("image")[0]) == 144
+
+
+@pytest.mark.slow
+def test_endpoint_backend_against_a_real_vllm_embedding_server(tmp_path):
+    """The `endpoint` backend against vLLM serving the tiny random-weight CLIP (make's tiny-clip stamp) as a pooling
+    model: one unit vector per image, the same image gives the same vector, and the encoder names its model."""
+    from conftest import REPO, VLLM_PYTHON
+
+    from fashionmv_builder.lmm.server import ServerSpec, VllmServer, free_port
+
+    model = REPO / "build" / "models" / "tiny-clip"
+    if not VLLM_PYTHON.exists() or not (model / "config.json").exists():
+        pytest.fail("the vLLM venv or tiny-clip is missing: run `make setup` (this test needs the real server)")
+    spec = ServerSpec(
+        python=VLLM_PYTHON,
+        model=model,
+        served_name="tiny-clip",
+        port=free_port(),
+        dtype="float32",
+        max_model_len=77,
+        max_images=1,  # CLIP embeds one image per request
+        extra_args=("--runner", "pooling"),
+        env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
+    server = VllmServer(spec, tmp_path / "vllm-server-tiny-clip")
+    server.start(timeout_s=600)
+    try:
+        encoder = image_encoder(
+            ImageEncoderConfig(backend="endpoint", endpoint=server.spec.url, model="tiny-clip", revision="r1")
+        )
+        flower, china = (SKLEARN_IMAGES / "flower.jpg").read_bytes(), (SKLEARN_IMAGES / "china.jpg").read_bytes()
+        png = io.BytesIO()
+        Image.open(SKLEARN_IMAGES / "china.jpg").save(png, "PNG")
+        vectors = encoder.encode([flower, china, flower, png.getvalue()])
+        assert vectors.shape == (4, 128) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+        assert np.allclose(vectors[0], vectors[2], atol=1e-5) and not np.allclose(vectors[0], vectors[1], atol=1e-3)
+        assert vectors[1] @ vectors[3] > 0.99  # a PNG is sent re-encoded as JPEG: the same picture
+        assert encoder.identity == {"encoder": "endpoint", "revision": "r1", "model": "tiny-clip"}
+    finally:
+        server.stop()
