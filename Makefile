@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 .PHONY: setup venv sample triplets truth-triplets validate test test-fast bench bench-smoke lint clean
 
 setup: $(STAMPS)/venv $(STAMPS)/sample $(STAMPS)/vllm-venv $(STAMPS)/tiny-vlm $(STAMPS)/tiny-vlm2 $(STAMPS)/tiny-procir \
-	$(STAMPS)/torchvision-overlay
+	$(STAMPS)/torchvision-overlay $(STAMPS)/tiny-clip
 
 venv: $(STAMPS)/venv
 sample: $(STAMPS)/sample
@@ -38,6 +38,11 @@ $(STAMPS)/tiny-vlm: $(STAMPS)/vllm-venv fashionmv_builder/devtools/tiny_vlm.py
 # A second architecture (tiny random Qwen2-VL): tests run stages on two different models at once.
 $(STAMPS)/tiny-vlm2: $(STAMPS)/vllm-venv fashionmv_builder/devtools/tiny_vlm.py
 	HF_HUB_OFFLINE=1 .venv-vllm/bin/python fashionmv_builder/devtools/tiny_vlm.py build/models/tiny-qwen2-vl qwen2-vl
+	@touch $@
+
+# A tiny random-weight CLIP that vLLM serves as an image embedding model: the embed stage's endpoint backend's test.
+$(STAMPS)/tiny-clip: $(STAMPS)/vllm-venv fashionmv_builder/devtools/tiny_clip.py
+	HF_HUB_OFFLINE=1 .venv-vllm/bin/python fashionmv_builder/devtools/tiny_clip.py build/models/tiny-clip
 	@touch $@
 
 $(STAMPS)/sample: $(STAMPS)/venv fashionmv_builder/devtools/sample_catalogue.py

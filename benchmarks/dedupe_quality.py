@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from fashionmv_builder.core.config import DedupeConfig
+from fashionmv_builder.stages.dedupe.learned import vectors_by_content
 from fashionmv_builder.stages.dedupe.neardup import near_pairs, thumb_distance, thumbnail
 from fashionmv_builder.stages.dedupe.stage import Catalogue, Decisions, Thumbnails, cross_duplicates
 from fashionmv_builder.stages.ingest.images import check_image
@@ -130,12 +131,15 @@ class MemoryThumbnails(Thumbnails):
     """Thumbnails from bytes held in memory, for catalogues built here rather than read from shards."""
 
     def __init__(self, images: list[bytes]) -> None:
-        self.images = images
+        self.data = images
         self.cache: dict[int, np.ndarray] = {}
 
     def load(self, wanted) -> None:
         for v in set(wanted) - self.cache.keys():
-            self.cache[v] = thumbnail(self.images[v])
+            self.cache[v] = thumbnail(self.data[v])
+
+    def images(self, wanted: list[int]) -> dict[int, bytes]:
+        return {v: self.data[v] for v in wanted}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -261,30 +265,72 @@ def _catalogue(products: list[tuple[str, list[Hashed]]]) -> tuple[Catalogue, lis
     return Catalogue("quality", rows, views, table[:, 0].copy(), table[:, 1].copy()), images
 
 
-def _clusters(products: list[tuple[str, list[Hashed]]], config: DedupeConfig) -> dict[str, str]:
-    """product id → cluster id, for the products the product rule merged."""
+class MemoryVectors:
+    """Learned view vectors (the embed stage's default encoder), each distinct image encoded once per run."""
+
+    def __init__(self) -> None:
+        from fashionmv_builder.core.config import ImageEncoderConfig
+        from fashionmv_builder.stages.embed.encoders import image_encoder
+
+        self.encoder = image_encoder(ImageEncoderConfig())
+        self.known: dict[str, np.ndarray] = {}
+        self.vectors = vectors_by_content(self.encoder.encode, self.get, self.known.update)
+
+    def get(self, hashes: list[str]) -> dict[str, np.ndarray]:
+        return {h: self.known[h] for h in hashes if h in self.known}
+
+
+def _clusters(
+    products: list[tuple[str, list[Hashed]]], config: DedupeConfig, vectors: MemoryVectors | None = None
+) -> dict[str, str]:
+    """product id → cluster id, for the products the product rule (and the learned pass, with vectors) merged."""
     catalogue, images = _catalogue(products)
     decisions = Decisions()
-    cross_duplicates(catalogue, config, MemoryThumbnails(images), decisions)
+    learned = vectors.vectors if vectors is not None else None
+    cross_duplicates(catalogue, config, MemoryThumbnails(images), decisions, learned)
     return {catalogue.products[p]["product_id"]: c for p, (c, _) in decisions.cluster.items()}
 
 
+SWAP = "re-listing, one view swapped"
+# the learned pass's table: what it is for (crops, swaps), a copy the hash rule already finds, and the flip it must
+# keep apart
+LEARNED_ROWS = [f"crop {CROP:.0%}/edge", SWAP, "re-listing (90%, q75)", "horizontal flip"]
+
+
+def _product_copies(name: str, to_copy: list[str], views: dict[str, list[Hashed]]) -> list[tuple[str, list[Hashed]]]:
+    """Every view transformed; for SWAP, the re-listing with its last view replaced by another product's photo (the
+    first view of the next product copied, re-listed too): only products of 3+ views, which may lose one."""
+    if name != SWAP:
+        return [(f"copy:{pid}", [_hash(TRANSFORMS[name](h.data)) for h in views[pid]]) for pid in to_copy]
+    eligible = [pid for pid in to_copy if len(views[pid]) >= 3]
+    copies = []
+    for k, pid in enumerate(eligible):
+        other = views[eligible[(k + 1) % len(eligible)]][0]
+        copies.append((f"copy:{pid}", [_hash(_relist(h.data)) for h in [*views[pid][:-1], other]]))
+    return copies
+
+
 def product_quality(
-    chosen: list[dict], views: dict[str, list[Hashed]], config: DedupeConfig
+    chosen: list[dict],
+    views: dict[str, list[Hashed]],
+    config: DedupeConfig,
+    vectors: MemoryVectors | None = None,
+    transforms: list[str] | None = None,
 ) -> tuple[list[list[str]], list[list[str]]]:
     originals = [(p["ids"]["folder"], views[p["ids"]["folder"]]) for p in chosen]
     to_copy = [p["ids"]["folder"] for p in chosen if p["role"] != "near_miss" and len(views[p["ids"]["folder"]]) >= 2]
     near = {p["ids"]["folder"]: p for p in chosen if p["role"] == "near_miss"}
     rows, near_rows = [], []
-    for name, transform in TRANSFORMS.items():
-        copies = [(f"copy:{pid}", [_hash(transform(h.data)) for h in views[pid]]) for pid in to_copy]
-        cluster = _clusters(originals + copies, config)
+    for name in transforms or [*TRANSFORMS, SWAP]:
+        copies = _product_copies(name, to_copy, views)
+        copied = [pid.removeprefix("copy:") for pid, _ in copies]
+        cluster = _clusters(originals + copies, config, vectors)
         members: dict[str, list[str]] = {}
         for pid, c in cluster.items():
             members.setdefault(c, []).append(pid)
         merged_pairs = sum(len(m) * (len(m) - 1) // 2 for m in members.values())
         found = sum(
-            cluster.get(f"copy:{pid}") is not None and cluster.get(f"copy:{pid}") == cluster.get(pid) for pid in to_copy
+            cluster.get(f"copy:{pid}") is not None and cluster.get(f"copy:{pid}") == cluster.get(pid) for pid in copied
         )
         wrong = sum(
             1
@@ -297,8 +343,8 @@ def product_quality(
         rows.append(
             [
                 name,
-                str(len(to_copy)),
-                _pct(found, len(to_copy)),
+                str(len(copied)),
+                _pct(found, len(copied)),
                 _pct(merged_pairs - wrong, merged_pairs),
                 str(wrong),
                 f"{len(near_merged)}/{len(near)}",
@@ -349,11 +395,16 @@ def report(smoke: bool = False, config: DedupeConfig | None = None) -> str:
     sample_views = [h for p in chosen if p["role"] != "near_miss" for h in views[p["ids"]["folder"]]]
     photos = [_hash(d) for d in wheel_photos(3 if smoke else None)]
     products, near = product_quality(chosen, views, config)
+    learned, _ = product_quality(chosen, views, config, MemoryVectors(), LEARNED_ROWS)
     settings = (
         f"within-product: pHash+dHash ≤ {config.within_max_distance}; across products: pHash ≤ "
         f"{config.cross_phash_radius} or dHash ≤ {config.cross_dhash_radius}, then thumbnail difference ≤ "
         f"{config.verify_max_difference:g}; product rule: ≥ {config.min_matched_views} views and "
-        f"{config.min_matched_fraction:.0%} of the smaller product's views matched one-to-one"
+        f"{config.min_matched_fraction:.0%} of the smaller product's views matched one-to-one. Learned pass "
+        f"(EfficientNet-Lite0 224 px): view pairs within cosine {config.learned_min_cosine:g} get the thumbnail "
+        f"check with central crops of up to 6%/edge; a product of 3+ views may leave "
+        f"{config.learned_max_unmatched} unmatched unless a left-over view is hash-close or within cosine "
+        f"{config.learned_conflict_cosine:g} of one of the other's"
     )
     return "\n\n".join(
         [
@@ -363,8 +414,10 @@ def report(smoke: bool = False, config: DedupeConfig | None = None) -> str:
             f"### Views: real photographs from the scikit-image and scikit-learn wheels ({len(photos)} images: "
             "photos and their quadrants)",
             _table(VIEW_HEADER, view_quality(photos, config)),
-            f"### Products: sample catalogue ({len(chosen)} products, copies of every base and sibling)",
+            f"### Products: sample catalogue ({len(chosen)} products, copies of every base and sibling), hash rule",
             _table(PRODUCT_HEADER, products),
+            "### Products: the same, hash rule then the learned pass (the stage's default)",
+            _table(PRODUCT_HEADER, learned),
             "### Near-miss products: false merges (untransformed catalogue)",
             _table(NEAR_HEADER, near),
             "### Near-miss products: thumbnail difference of the views that differ from the base",

@@ -10,6 +10,7 @@ import argparse
 
 from benchmarks import (
     bench_dedupe,
+    bench_encoders,
     bench_eval,
     bench_incremental,
     bench_ingest,
@@ -25,6 +26,7 @@ def main() -> None:
     args = parser.parse_args()
     bench_ingest.main(smoke=args.smoke)
     bench_dedupe.main(smoke=args.smoke)
+    bench_encoders.main(smoke=args.smoke)
     bench_lmm.main(smoke=args.smoke)
     bench_incremental.main(smoke=args.smoke)
     bench_eval.main(smoke=args.smoke)

@@ -296,3 +296,56 @@ def test_sample_catalogue_duplicates_faults_and_near_misses(sample_catalogue, tm
     assert c["views_in"] == c["views_out"] + c["views_rejected"] + c["views_dropped_with_product"]
     assert c["products_in"] == truth["expected_ingest"]["deepfashion"]["products_out"]
     assert all(2 <= r["n_views"] <= 5 for r in products.values())
+
+
+def _crop_jpeg(data: bytes, crop: float = 0.03, quality: int = 90) -> bytes:
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    dx, dy = round(img.width * crop), round(img.height * crop)
+    return _jpeg(img.crop((dx, dy, img.width - dx, img.height - dy)), quality)
+
+
+def _relisted_jpeg(data: bytes) -> bytes:
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    return _jpeg(img.resize((round(img.width * 0.9), round(img.height * 0.9)), Image.Resampling.LANCZOS), 75)
+
+
+@pytest.mark.slow
+def test_learned_pass_merges_a_crop_and_a_swapped_relisting_but_no_near_miss(sample_catalogue, tmp_path):
+    """The real EfficientNet-Lite0 through the stage: a 3%/edge crop of a product and a re-listing with one photo
+    swapped are found; near-misses (mirrored pocket, colour, other back detail) and their bases are all kept. Without
+    the learned pass neither copy is found."""
+    truth = json.loads((sample_catalogue / "ground_truth.json").read_text())
+    folder = {p["index"]: p["ids"]["folder"] for p in truth["products"] if p["ids"].get("folder")}
+    near = {}
+    for p in truth["products"]:
+        if p["role"] == "near_miss" and p["ids"].get("folder") and p["differs_in"][0] not in near:
+            near[p["differs_in"][0]] = (folder[p["index"]], folder[p["near_miss_of"]])
+    assert set(near) == {"pocket", "colour", "back_detail"}
+
+    def views(pid: str) -> dict[str, bytes]:
+        return {f.name: f.read_bytes() for f in sorted((sample_catalogue / "folder" / pid).iterdir())}
+
+    shop = tmp_path / "shop"
+    for pair in near.values():
+        for pid in pair:
+            for name, data in views(pid).items():
+                write(shop / pid / name, data)
+    cropped, swapped = near["pocket"][1], near["colour"][1]
+    for name, data in views(cropped).items():
+        write(shop / "crop-copy" / name, _crop_jpeg(data))
+    names = sorted(views(swapped))
+    other = next(iter(views(near["back_detail"][1]).values()))
+    for name in names:
+        data = other if name == names[-1] else views(swapped)[name]
+        write(shop / "swap-copy" / name, _relisted_jpeg(data))
+
+    config = _config(tmp_path)
+    run_local(config, ["ingest"])
+    [report] = run_local(config, ["dedupe"])["dedupe"]
+    rejected = {pid: related for (pid, file_name), (reason, related) in _rejects(config).items() if file_name is None}
+    assert rejected == {"crop-copy": cropped, "swap-copy": swapped}
+    assert report.stats["learned"]["duplicate_product_pairs"] == 2
+
+    hashes_only = _config(tmp_path, learned=False)
+    [report] = run_local(hashes_only, ["dedupe"])["dedupe"]
+    assert report.shards and not _rejects(hashes_only) and "learned" not in report.stats

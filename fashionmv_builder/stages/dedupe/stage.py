@@ -40,7 +40,7 @@ search once and rewrites the shards (a few table rows each).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
@@ -53,6 +53,7 @@ from fashionmv_builder.core.ledger import Reject
 from fashionmv_builder.core.stage import ShardOutput, ShardTask, Stage, Work
 from fashionmv_builder.data_schema import tables
 from fashionmv_builder.data_schema.reasons import RejectReason
+from fashionmv_builder.stages.dedupe.learned import group_candidates, learned_pairs, merge, vectors_by_content
 from fashionmv_builder.stages.dedupe.neardup import UnionFind, group_pairs, near_pairs, thumb_distance, thumbnail
 
 _PRODUCT_COLUMNS = ["product_id", "group_key", "split", "category"]
@@ -122,14 +123,21 @@ class Thumbnails:
         self.cache: dict[int, np.ndarray] = {}
 
     def load(self, wanted: Iterable[int]) -> None:
+        for v, data in self.images(sorted(set(wanted) - self.cache.keys())).items():
+            self.cache[v] = thumbnail(data)
+
+    def images(self, wanted: list[int]) -> dict[int, bytes]:
+        """The encoded bytes of these views, read shard by shard."""
         by_shard: dict[int, list[int]] = defaultdict(list)
-        for v in sorted(set(wanted) - self.cache.keys()):
+        for v in wanted:
             by_shard[self.catalogue.views[v]["shard"]].append(v)
+        out = {}
         for shard, vs in by_shard.items():
             table = self.build.read_shard(INGEST_IMAGES, self.catalogue.dataset, shard, columns=["image"])
             column = table.column("image").combine_chunks().field("bytes")
             for v in vs:
-                self.cache[v] = thumbnail(column[self.catalogue.views[v]["row"]].as_py())
+                out[v] = column[self.catalogue.views[v]["row"]].as_py()
+        return out
 
     def distance(self, a: int, b: int) -> float:
         return thumb_distance(self.cache[a], self.cache[b])
@@ -243,8 +251,18 @@ def candidate_view_pairs(codes_p: np.ndarray, codes_d: np.ndarray, config: Dedup
     return np.unique(pairs, axis=0) if len(pairs) else pairs.reshape(0, 2)
 
 
-def cross_duplicates(catalogue: Catalogue, config: DedupeConfig, thumbs: Thumbnails, decisions: Decisions) -> None:
-    """Find re-listed products across the dataset, cluster them, keep one per cluster."""
+ViewVectors = Callable[[dict[int, bytes]], dict[int, np.ndarray]]  # view index → unit vector, from its bytes
+
+
+def cross_duplicates(
+    catalogue: Catalogue,
+    config: DedupeConfig,
+    thumbs: Thumbnails,
+    decisions: Decisions,
+    vectors: ViewVectors | None = None,
+) -> None:
+    """Find re-listed products across the dataset, cluster them, keep one per cluster. With `vectors`, the learned
+    pass (learned.py) then looks again at the pairs the hashes made plausible and at those sharing a source group."""
     alive = _alive_views(catalogue, decisions)
     pairs = alive[candidate_view_pairs(catalogue.phash[alive], catalogue.dhash[alive], config)]
     owner = np.array([v["product"] for v in catalogue.views], dtype=np.int64)
@@ -270,6 +288,8 @@ def cross_duplicates(catalogue: Catalogue, config: DedupeConfig, thumbs: Thumbna
         if _match_count(confirmed) >= _needed(n_views[pa_], n_views[pb], config):
             sets.union(pa_, pb)
             duplicates += 1
+    if vectors is not None and config.learned:
+        _learned_pass(catalogue, config, thumbs, decisions, vectors, sets, set(by_products), alive)
     clusters = [m for m in sets.groups().values() if len(m) > 1]
     pixels = np.bincount(owner[alive], weights=[_pixels(catalogue.views[v]) for v in alive], minlength=len(n_views))
     for members in clusters:
@@ -283,6 +303,31 @@ def cross_duplicates(catalogue: Catalogue, config: DedupeConfig, thumbs: Thumbna
         "clusters": len(clusters),
         "largest_cluster": max((len(m) for m in clusters), default=1),
     }
+
+
+def _learned_pass(
+    catalogue: Catalogue,
+    config: DedupeConfig,
+    thumbs: Thumbnails,
+    decisions: Decisions,
+    vectors: ViewVectors,
+    sets: UnionFind,
+    hash_pairs: set[tuple[int, int]],
+    alive: np.ndarray,
+) -> None:
+    alive_set = set(alive.tolist())
+    views_of = [[v for v in vs if v in alive_set] for vs in catalogue.views_of()]
+    kept = {p for p, vs in enumerate(views_of) if vs and p not in decisions.product_rejects}
+    groups = group_candidates([p["group_key"] for p in catalogue.products], kept)
+    candidates = {(a, b) for a, b in hash_pairs | groups if a in kept and b in kept and sets.find(a) != sets.find(b)}
+
+    def hash_close(a: int, b: int) -> bool:
+        phash = int(catalogue.phash[a] ^ catalogue.phash[b]).bit_count() <= config.cross_phash_radius
+        return phash or int(catalogue.dhash[a] ^ catalogue.dhash[b]).bit_count() <= config.cross_dhash_radius
+
+    found, stats = learned_pairs(views_of, candidates, config, thumbs.images, vectors, hash_close)
+    merge(sets, found)
+    decisions.stats["learned"] = stats
 
 
 def _keep_one(
@@ -315,13 +360,15 @@ def view_count_rules(catalogue: Catalogue, config: DedupeConfig, decisions: Deci
             decisions.view_rejects[v] = Reject(RejectReason.VIEW_BEYOND_LIMIT, detail, None)
 
 
-def decide(catalogue: Catalogue, config: DedupeConfig, thumbs: Thumbnails) -> Decisions:
-    """Every rule, in order, over one dataset."""
+def decide(
+    catalogue: Catalogue, config: DedupeConfig, thumbs: Thumbnails, vectors: ViewVectors | None = None
+) -> Decisions:
+    """Every rule, in order, over one dataset (the learned pass only with `vectors`)."""
     decisions = Decisions()
     category_rejects(catalogue, config.clothing_categories, decisions)
     size_rejects(catalogue, config, decisions)
     within_duplicates(catalogue, config, thumbs, decisions)
-    cross_duplicates(catalogue, config, thumbs, decisions)
+    cross_duplicates(catalogue, config, thumbs, decisions, vectors)
     view_count_rules(catalogue, config, decisions)
     return decisions
 
@@ -357,12 +404,29 @@ class DedupeStage(Stage):
     writes: ClassVar[dict] = {DEDUPE_PRODUCTS.table: tables.DEDUP_PRODUCTS, DEDUPE_VIEWS.table: tables.DEDUP_VIEWS}
 
     def settings(self, dataset: str) -> dict:
-        return {"dedupe": self.config.dedupe.model_dump(mode="json")}
+        settings = {"dedupe": self.config.dedupe.model_dump(mode="json")}
+        if self.config.dedupe.learned:
+            settings["image_encoder"] = self._encoder().identity
+        return settings
+
+    def _encoder(self):  # -> ImageEncoder; the embed stage's, loaded only when the learned pass runs
+        from fashionmv_builder.stages.embed.encoders import image_encoder
+
+        return image_encoder(self.config.embed.image)
+
+    def view_vectors(self) -> ViewVectors:
+        """Learned view vectors, through the embed stage's content-hash cache (embed then finds them there)."""
+        from fashionmv_builder.stages.embed.cache import VectorCache
+
+        encoder = self._encoder()
+        cache = VectorCache(*self.build.image_vector_cache(self.config.embed.image.cache_dir), encoder.identity)
+        return vectors_by_content(encoder.encode, cache.get, cache.put)
 
     def prepare(self, dataset: str, todo: list[ShardTask]) -> tuple[list[ShardTask], dict]:
         """The dataset-wide step: read every hash, decide, and hand each shard its products and decisions."""
         catalogue = load_catalogue(self.build, dataset)
-        decisions = decide(catalogue, self.config.dedupe, Thumbnails(self.build, catalogue))
+        vectors = self.view_vectors() if self.config.dedupe.learned else None
+        decisions = decide(catalogue, self.config.dedupe, Thumbnails(self.build, catalogue), vectors)
         items = _shard_items(catalogue, decisions)
         extra = {
             "thresholds": self.config.dedupe.model_dump(mode="json"),
