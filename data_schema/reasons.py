@@ -39,6 +39,7 @@ class RejectReason(StrEnum):
     REMOVED_BY_VERIFIER = "removed_by_verifier"
     NO_CANDIDATES = "no_candidates"
     NO_TARGET_SELECTED = "no_target_selected"
+    TEXT_NOT_DISCRIMINATIVE = "text_not_discriminative"  # the text led the check to another candidate than its target
 
 
 class RejectLevel(StrEnum):

@@ -45,8 +45,9 @@ TABLES = {
     "embed": ("embeddings", "rejects"),
     "candidates": ("products", "candidates", "rejects"),
     "select": ("triplets", "hard_negatives", "rejects"),
+    "discriminate": ("triplets", "hard_negatives", "rejects"),
 }
-LMM = ("caption", "verify", "select")
+LMM = ("caption", "verify", "select", "discriminate")
 
 
 # ---------------------------------------------------------------------------------------------------------------
