@@ -156,6 +156,7 @@ def config_file(sample_catalogue, vllm_server, tmp_path_factory) -> Path:
         "caption": {"max_tokens": 1024},
         "verify": {"max_tokens": 1024, "remove": False},  # the random verifier would remove them all
         "triplets": {"val_ratio": 0.3, "min_targets": 1, "max_tokens": 1024},
+        "discriminability": {"reject": False},  # the random checker's picks are noise: keep the triplets
     }
     path = base / "run.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
