@@ -294,7 +294,7 @@ def test_the_discriminability_check_keeps_true_triplets_and_rejects_a_planted_wr
         kept_total += len(kept)
     assert selected_total >= 20 and kept_total >= 0.8 * selected_total, (kept_total, selected_total)
     counts = build.counts(TRIPLETS.stage, "deepfashion")
-    assert counts["check_passed"] + counts["check_failed"] == counts["products_in"] > 0
+    assert counts["check_passed"] + counts.get("check_failed", 0) == counts["products_in"] > 0
 
     # Plant: a copy of the build where one triplet carries the texts of another source's triplet that do not fit
     # its target.
