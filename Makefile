@@ -122,8 +122,8 @@ VALIDATE_DIR ?= build/validate
 VALIDATE_MODEL ?= $(TINY_PROCIR)
 VALIDATE_ARGS ?= --max-steps 20 --batch-size 4
 validate: setup
-	@test -d build/sample/select || [ "$(VALIDATE_CONFIG)" != configs/sample.yaml ] || $(MAKE) triplets
-	@test -d build/truth/select || [ "$(VALIDATE_CONFIG)" != configs/ground-truth.yaml ] || $(MAKE) truth-triplets
+	@test -d build/sample/discriminate || [ "$(VALIDATE_CONFIG)" != configs/sample.yaml ] || $(MAKE) triplets
+	@test -d build/truth/discriminate || [ "$(VALIDATE_CONFIG)" != configs/ground-truth.yaml ] || $(MAKE) truth-triplets
 	$(BIN)/fashionmv export-fashionmv $(VALIDATE_CONFIG) --to $(VALIDATE_DIR)/export
 	$(BIN)/fashionmv evaluate --model $(VALIDATE_MODEL) --data-dir $(VALIDATE_DIR)/export \
 		--image-root $(VALIDATE_DIR)/export/images --output-dir $(VALIDATE_DIR)/before

@@ -87,16 +87,33 @@ VIEWS_INVOLVED = ("front", "back", "side", "detail", "full")
 
 
 def selection_answer(
-    bounds: WordBounds, n_candidates: int, max_targets: int, min_targets: int = 0, min_views: int = 1
+    bounds: WordBounds,
+    n_candidates: int,
+    max_targets: int,
+    min_targets: int = 0,
+    min_views: int = 1,
+    paraphrases: int = 1,
 ) -> type[_Answer]:
-    """`min_targets`..`max_targets` choices among candidates 1..n, each with two modification texts and its views."""
+    """`min_targets`..`max_targets` choices among candidates 1..n, each with `paraphrases` short modification texts
+    (the schema fixes their count; their distinctness is the stage's check: `uniqueItems` is not among the keywords
+    every constrained decoder enforces), one long text and its views."""
     choice = create_model(
         "Choice",
         __base__=_Answer,
         candidate=(Literal[tuple(range(1, n_candidates + 1))], ...),
         views_involved=(list[Literal[VIEWS_INVOLVED]], Field(min_length=min_views, max_length=len(VIEWS_INVOLVED))),
-        modification_short=(words(*bounds.modification_short), ...),
+        modifications_short=(
+            list[words(*bounds.modification_short)],
+            Field(min_length=paraphrases, max_length=paraphrases),
+        ),
         modification_long=(words(*bounds.modification_long), ...),
     )
     count = Field(min_length=min(min_targets, n_candidates), max_length=max_targets)
     return create_model("SelectionAnswer", __base__=_Answer, choices=(list[choice], count))
+
+
+def discrimination_answer(n_candidates: int) -> type[_Answer]:
+    """The one candidate (1..n) a modification text describes."""
+    return create_model(
+        "DiscriminationAnswer", __base__=_Answer, candidate=(Literal[tuple(range(1, n_candidates + 1))], ...)
+    )

@@ -40,6 +40,7 @@ class RejectReason(StrEnum):
     NO_CANDIDATES = "no_candidates"
     NO_TARGET_SELECTED = "no_target_selected"
     TARGET_WITHDRAWN = "target_withdrawn"  # an incremental build: every target the source had left the build
+    TEXT_NOT_DISCRIMINATIVE = "text_not_discriminative"  # the text led the check to another candidate than its target
 
 
 class RejectLevel(StrEnum):

@@ -176,6 +176,16 @@ TRIPLETS = _schema(
         pa.field("request_sha256", pa.string()),
         pa.field("prompt_version", pa.string()),
         pa.field("model", pa.string()),
+        # every short text of the triplet (triplets.paraphrases of them, distinct); the first is the column above
+        pa.field("modification_texts_short", pa.list_(pa.string())),
+        # Filled by the discriminability stage (null in select's table): the text it showed (index into the list
+        # above; null when the check is off) and the candidate it picked.
+        pa.field("check_text_index", pa.int16()),
+        pa.field("check_picked_id", pa.string()),
+        # whether the short text alone (against the shown candidates' short captions) or the source image alone
+        # (against their images) already ranks the target first among the shown candidates, by the build's embeddings
+        pa.field("text_alone_ranks_target_first", pa.bool_()),
+        pa.field("image_alone_ranks_target_first", pa.bool_()),
     ],
 )
 

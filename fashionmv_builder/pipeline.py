@@ -8,6 +8,7 @@ flow, the report's funnel and its cost tables are all derived from this list.
               embed ───▶ embeddings                                    reads verdicts, captions, bytes
               candidates ▶ products with split, candidates             reads embeddings, whole dataset
               select ──▶ triplets, hard negatives (LMM, Stage 3)       reads candidates (+ their views)
+              discriminate ▶ the build's triplets (checked, flagged)  (LMM) reads select, embeddings, captions
 
 Each stage module fills in the contract of core/stage.py; where a build's files are is core/build.py's business.
 Outputs made from a finished build (report, FashionMV export, Hub publishing, the audit page) live in outputs/.
@@ -23,6 +24,7 @@ from fashionmv_builder.core.stage import Stage, StageReport
 from fashionmv_builder.stages.candidates import CandidatesStage
 from fashionmv_builder.stages.caption import CaptionStage
 from fashionmv_builder.stages.dedupe.stage import DedupeStage
+from fashionmv_builder.stages.discriminate import DiscriminateStage
 from fashionmv_builder.stages.embed import EmbedStage
 from fashionmv_builder.stages.ingest.stage import IngestStage
 from fashionmv_builder.stages.select import SelectStage
@@ -36,6 +38,7 @@ PIPELINE: list[type[Stage]] = [
     EmbedStage,
     CandidatesStage,
     SelectStage,
+    DiscriminateStage,
 ]
 
 

@@ -136,6 +136,8 @@ def _stage3_config(out: Path, catalogue: Path, url: str):
             "caption": {"max_tokens": 1024},
             "verify": {"max_tokens": 1024, "remove": False},
             "triplets": {"val_ratio": 0.3, "min_targets": 1, "max_tokens": 1024},
+            # the random-weight model's picks are noise: record them, reject nothing, so the outputs have triplets
+            "discriminability": {"reject": False},
         }
     )
 

@@ -45,8 +45,9 @@ TABLES = {
     "embed": ("embeddings", "rejects"),
     "candidates": ("products", "candidates", "rejects"),
     "select": ("triplets", "hard_negatives", "rejects"),
+    "discriminate": ("triplets", "hard_negatives", "rejects"),
 }
-LMM = ("caption", "verify", "select")
+LMM = ("caption", "verify", "select", "discriminate")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -155,6 +156,7 @@ def config_file(sample_catalogue, vllm_server, tmp_path_factory) -> Path:
         "caption": {"max_tokens": 1024},
         "verify": {"max_tokens": 1024, "remove": False},  # the random verifier would remove them all
         "triplets": {"val_ratio": 0.3, "min_targets": 1, "max_tokens": 1024},
+        "discriminability": {"reject": False},  # the random checker's picks are noise: keep the triplets
     }
     path = base / "run.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML

@@ -12,6 +12,7 @@ import pytest
 from fashionmv_builder.data_schema.lmm_answers import (
     WordBounds,
     caption_answer,
+    discrimination_answer,
     schema_of,
     selection_answer,
     verdict_answer,
@@ -93,7 +94,7 @@ def test_selection_picks_only_true_siblings_and_names_their_differences(truth):
     ]
     source, sibling = pairs[0]
     stranger = next(p for p in products(truth, "base") if p["index"] not in (sibling["index"],))
-    model = selection_answer(BOUNDS, 2, max_targets=2, min_targets=0, min_views=2)
+    model = selection_answer(BOUNDS, 2, max_targets=2, min_targets=0, min_views=2, paraphrases=3)
     answerer = Answerer(truth, 0.0, 0)
     answer = model.model_validate(
         answerer.select(schema_of(model), seen(truth, source), [seen(truth, stranger), seen(truth, sibling)])
@@ -101,9 +102,32 @@ def test_selection_picks_only_true_siblings_and_names_their_differences(truth):
     [choice] = answer.choices
     assert choice.candidate == 2
     assert set(choice.views_involved) == set(difference_views(source, source["renders"], sibling, sibling["renders"]))
-    named = dict(w.split("=") for w in choice.modification_short.split() if "=" in w)
-    assert named and all(sibling[a] == v != source[a] for a, v in named.items())
+    assert len(set(choice.modifications_short)) == 3
+    for text in choice.modifications_short:
+        named = dict(w.split("=") for w in text.split() if "=" in w)
+        assert named and all(sibling[a] == v != source[a] for a, v in named.items())
     assert answerer.unrecognised == 0
+    # The discriminability check, shown the same candidates (as images, then as captions), finds the sibling from
+    # each paraphrase, and the source itself from a text that names no change.
+    check = discrimination_answer(2)
+    captions = [
+        f"Candidate {c}: " + answerer.caption(schema_of(caption_answer(BOUNDS, 1)), seen(truth, p)[:1])["short_caption"]
+        for c, p in enumerate((stranger, sibling), start=1)
+    ]
+    for text in choice.modifications_short:
+        lines = [f"Candidate {c}:" for c in (1, 2)] + [f"Modification text: {text}"]
+        shown = [seen(truth, stranger), seen(truth, sibling)]
+        assert (
+            check.model_validate(answerer.discriminate(schema_of(check), seen(truth, source), shown, lines)).candidate
+            == 2
+        )
+        lines = [*captions, f"Modification text: {text}"]
+        assert (
+            check.model_validate(answerer.discriminate(schema_of(check), seen(truth, source), [], lines)).candidate == 2
+        )
+    lines = ["Candidate 1:", "Candidate 2:", "Modification text: same but nothing"]
+    shown = [seen(truth, sibling), seen(truth, source)]
+    assert answerer.discriminate(schema_of(check), seen(truth, source), shown, lines) == {"candidate": 2}
 
 
 def test_images_that_are_not_the_catalogues_are_counted_and_never_described(truth):

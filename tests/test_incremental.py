@@ -38,7 +38,7 @@ from fashionmv_builder.pipeline import run_local
 pytestmark = pytest.mark.slow
 
 DATASET = "folder"
-LMM_STAGES = ("caption", "verify", "select")
+LMM_STAGES = ("caption", "verify", "select", "discriminate")
 
 
 def _config(root: Path, out: Path, url: str, refresh: RefreshSlice | None = None) -> RunConfig:

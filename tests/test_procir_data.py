@@ -1,11 +1,12 @@
 """FashionMV's JSONL records and image folders, read the way the reference evaluator reads them."""
 
 import json
+import random
 from pathlib import Path
 
 from PIL import Image
 
-from fashionmv_builder.procir.data import list_views, load_eval_data, load_views, read_captions, read_triplets
+from fashionmv_builder.procir.data import Triplet, list_views, load_eval_data, load_views, read_captions, read_triplets
 
 
 def _jsonl(path: Path, records: list[dict | None]) -> Path:
@@ -103,3 +104,11 @@ def test_gallery_keeps_products_whose_partner_has_no_images(tmp_path):
     data = load_eval_data(tmp_path / "data", tmp_path / "images", datasets=["f200k"])
     assert data.gallery == [("f200k", "1"), ("f200k", "2"), ("f200k", "3")]
     assert [(t.index, t.source_id, t.target_id) for t in data.queries] == [(0, "1", "2")]
+
+
+def test_a_step_draws_one_of_a_triplets_paraphrases_reproducibly():
+    triplet = Triplet(0, "shop", "a", "b", "first text", paraphrases=("first text", "second one", "third way"))
+    draws = [triplet.short_text(random.Random(f"0:paraphrase:{step}")) for step in range(60)]
+    assert set(draws) == set(triplet.paraphrases)  # every paraphrase is used, not only stored
+    assert draws == [triplet.short_text(random.Random(f"0:paraphrase:{step}")) for step in range(60)]
+    assert Triplet(1, "shop", "a", "b", "only text").short_text(random.Random(0)) == "only text"  # FashionMV's release

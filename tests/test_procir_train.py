@@ -376,6 +376,8 @@ def test_training_reads_a_builds_parquet_shards(stage3_build, tiny_dir, tmp_path
         recorded = shown.get((t.source_id, by_pair[(t.source_id, t.target_id)]), [])
         assert set(data.hard_negatives.get(t.index, [])) <= set(recorded)
     assert {(t.source_id, t.target_id) for t in data.triplets} <= {(t["source_id"], t["target_id"]) for t in train_rows}
+    texts = {(t["source_id"], t["target_id"]): tuple(t["modification_texts_short"]) for t in train_rows}
+    assert all(t.paraphrases == texts[(t.source_id, t.target_id)] and len(t.paraphrases) == 3 for t in data.triplets)
     key = (data.triplets[0].dataset, data.triplets[0].source_id)
     assert data.views[key] and all(p.is_file() for p in data.views[key])
     assert data.view_captions[key] and data.captions[key].long_caption

@@ -172,8 +172,17 @@ def test_report_of_a_build_without_llm_stages_says_no_data(tmp_path):
     d = report["datasets"]["shop"]
     assert d["funnel"]["dedupe"] == {"in": 3, "out": 2, "rejects": {"product": {"too_few_views": 1}}}
     assert d["funnel"]["verify"]["in"] is None and d["funnel"]["select"]["out"] is None
-    assert list(d["funnel"]) == ["ingest", "dedupe", "caption", "verify", "embed", "candidates", "select"]
-    assert list(report["lmm_cost"]) == list(d["lmm_cost"]) == ["caption", "verify", "select"]
+    assert list(d["funnel"]) == [
+        "ingest",
+        "dedupe",
+        "caption",
+        "verify",
+        "embed",
+        "candidates",
+        "select",
+        "discriminate",
+    ]
+    assert list(report["lmm_cost"]) == list(d["lmm_cost"]) == ["caption", "verify", "select", "discriminate"]
     assert d["views_per_product"] == {"2": 1, "3": 1}
     assert d["verifier"] == {"note": "no data"} and d["words_short"] == {} and d["caption_words"]["long"] == {}
     assert report["lmm_cost"]["caption"]["gpu_hours"] is None

@@ -12,18 +12,32 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from hub_server import serve_hub
 
-from fashionmv_builder.core.build import CANDIDATES, CAPTIONS, HARD_NEGATIVES, TRIPLETS, VERDICTS, Build, rejects
+from fashionmv_builder.core.build import (
+    CANDIDATES,
+    CAPTIONS,
+    HARD_NEGATIVES,
+    SELECTED_NEGATIVES,
+    SELECTED_TRIPLETS,
+    TRIPLETS,
+    VERDICTS,
+    Build,
+    rejects,
+)
 from fashionmv_builder.core.config import RunConfig, load_config
 from fashionmv_builder.devtools.ground_truth_server import (
+    DETAILS,
+    EVERY_VIEW,
     MODEL_NAME,
     TRUTH_WORDS,
     VIEW_OF_RENDER,
@@ -244,6 +258,108 @@ def test_hard_negatives_are_the_shown_candidates_never_the_targets(truth_build):
         for n in negatives:
             assert n["negative_id"] not in chosen[n["source_id"]], n
             assert shown[n["triplet_id"]][n["rank_shown"]] == n["negative_id"], n
+
+
+def _claims(text: str) -> list[tuple[str, str]]:
+    return [(attr, value) for attr, _, value in (w.partition("=") for w in text.split()) if value]
+
+
+def _fits(product: dict, claims: list[tuple[str, str]]) -> bool:
+    """Every `attr=value` claim holds for the product (as far as 20-character schema words can say it)."""
+    return all(f"{attr}={product[attr]}"[:20] == f"{attr}={value}"[:20] for attr, value in claims)
+
+
+def test_the_discriminability_check_keeps_true_triplets_and_rejects_a_planted_wrong_one(truth_build, catalogue):
+    """Every selected triplet is kept unless its text fits another shown candidate as well as its target (the
+    checker picks that one); then a triplet given another source's texts is rejected, and only it is asked again."""
+    from fashionmv_builder.data_schema import tables
+    from fashionmv_builder.pipeline import run_local
+    from fashionmv_builder.stages.discriminate import DiscriminateStage
+
+    config, answerer = truth_build
+    build = Build(config.output_dir)
+    stage = DiscriminateStage(config)
+    selected_total = kept_total = 0
+    for dataset in _datasets(config):
+        selected = {r["triplet_id"]: r for r in build.rows(SELECTED_TRIPLETS, dataset)}
+        kept = {r["triplet_id"] for r in build.rows(TRIPLETS, dataset)}
+        dropped = build.rows(rejects(TRIPLETS.stage), dataset)
+        assert kept | {r["product_id"] for r in dropped} == set(selected)
+        for r in dropped:
+            row = selected[r["product_id"]]
+            assert r["reason"] == "text_not_discriminative" and r["related_id"] != row["target_id"], r
+            text = row["modification_texts_short"][stage.text_index(row)]
+            assert _fits(catalogue.product(dataset, r["related_id"]), _claims(text)), r  # ambiguous, truly
+        selected_total += len(selected)
+        kept_total += len(kept)
+    assert selected_total >= 20 and kept_total >= 0.8 * selected_total, (kept_total, selected_total)
+    counts = build.counts(TRIPLETS.stage, "deepfashion")
+    assert counts["check_passed"] + counts.get("check_failed", 0) == counts["products_in"] > 0
+
+    # Plant: a copy of the build where one triplet carries the texts of another source's triplet that do not fit
+    # its target.
+    dataset = "deepfashion"
+    out = Path(config.output_dir).parent / "planted"
+    shutil.copytree(config.output_dir, out)
+    planted_config = config.model_copy(update={"output_dir": str(out)})
+    planted = Build(str(out))
+    kept = {r["triplet_id"] for r in build.rows(TRIPLETS, dataset)}
+    rows = build.rows(SELECTED_TRIPLETS, dataset)
+
+    def misleads(a: dict, b: dict) -> bool:
+        """b's texts, applied to a's source, describe another of a's shown candidates better than a's target."""
+        described = {**catalogue.product(dataset, a["source_id"]), **dict(_claims(b["modification_text_short"]))}
+        attrs = [*EVERY_VIEW, *DETAILS]
+
+        def score(pid: str) -> int:
+            return sum(f"{x}={catalogue.product(dataset, pid)[x]}"[:20] == f"{x}={described[x]}"[:20] for x in attrs)
+
+        return max(score(c) for c in a["candidate_ids"] if c != a["target_id"]) > score(a["target_id"])
+
+    victim, donor = next(
+        (a, b)
+        for a in rows
+        for b in rows
+        if a["triplet_id"] in kept and a["source_id"] != b["source_id"] and misleads(a, b)
+    )
+    shard = next(
+        m.shard
+        for m in planted.markers(SELECTED_TRIPLETS, dataset)
+        if victim["triplet_id"] in planted.read_shard(SELECTED_TRIPLETS, dataset, m.shard)["triplet_id"].to_pylist()
+    )
+    marker = planted.marker(SELECTED_TRIPLETS, dataset, shard)
+    written = planted.read_shard(SELECTED_TRIPLETS, dataset, shard).to_pylist()
+    for r in written:
+        if r["triplet_id"] == victim["triplet_id"]:
+            r["modification_text_short"] = donor["modification_text_short"]
+            r["modification_texts_short"] = donor["modification_texts_short"]
+    shard_tables = {
+        SELECTED_TRIPLETS.table: pa.Table.from_pylist(written, schema=tables.TRIPLETS),
+        SELECTED_NEGATIVES.table: planted.read_shard(SELECTED_NEGATIVES, dataset, shard),
+        "rejects": planted.read_shard(rejects(SELECTED_TRIPLETS.stage), dataset, shard),
+    }
+    planted.write_shard(
+        SELECTED_TRIPLETS.stage,
+        dataset,
+        shard,
+        shard_tables,
+        config_hash=marker.config_hash,
+        fingerprint=marker.input_fingerprint,
+        counts=marker.counts,
+        metadata={},
+    )
+    asked = answerer.requests["discriminate"]
+    run_local(planted_config, [TRIPLETS.stage], [dataset])
+    assert answerer.requests["discriminate"] == asked + 1  # the planted text only: the rest is replayed or kept
+    [reject] = [r for r in planted.rows(rejects(TRIPLETS.stage), dataset) if r["product_id"] == victim["triplet_id"]]
+    assert reject["reason"] == "text_not_discriminative" and reject["related_id"] != victim["target_id"]
+    assert {r["triplet_id"] for r in planted.rows(TRIPLETS, dataset)} == (
+        {r["triplet_id"] for r in build.rows(TRIPLETS, dataset)} - {victim["triplet_id"]}
+    )
+    # its target joins the hard negatives of the source's kept triplets
+    siblings = [r for r in planted.rows(TRIPLETS, dataset) if r["source_id"] == victim["source_id"]]
+    negatives = {(n["triplet_id"], n["negative_id"]) for n in planted.rows(HARD_NEGATIVES, dataset)}
+    assert all((r["triplet_id"], victim["target_id"]) in negatives for r in siblings)
 
 
 # -- outputs ----------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 from conftest import SMALL_WORDS, VLLM_PYTHON, start_vllm
 from fastapi import FastAPI
 
-from fashionmv_builder.core.build import CAPTIONS, TRIPLETS, VERDICTS, Build
+from fashionmv_builder.core.build import CAPTIONS, SELECTED_TRIPLETS, VERDICTS, Build
 from fashionmv_builder.core.config import ConfigError, LmmConfig, LmmPrice, validate_config
 from fashionmv_builder.devtools.local_server import serve_app
 from fashionmv_builder.lmm.client import LmmRefused, RateBudget, api_key, retry_after
@@ -236,16 +236,17 @@ def test_caption_and_selection_on_one_server_verification_on_another_with_a_key(
     run_local(config)  # captions done: their server's requests are only the other stages'
 
     build = Build(config.output_dir)
-    sent = {stage: build.counts(stage, "deepfashion")["requests_sent"] for stage in ("caption", "verify", "select")}
+    stages = ("caption", "verify", "select", "discriminate")
+    sent = {stage: build.counts(stage, "deepfashion")["requests_sent"] for stage in stages}
     assert min(sent.values()) > 0
     # each stage also asked its server one canary (stored with its answers: a rerun does not ask it again)
-    assert _requests(first) - before[first] == sent["caption"] + sent["select"] + 2
+    assert _requests(first) - before[first] == sent["caption"] + sent["select"] + sent["discriminate"] + 3
     assert _requests(second, KEY) - before[second] == sent["verify"] + 1
 
     build = Build(config.output_dir)
     assert {r["model"] for r in build.rows(CAPTIONS, "deepfashion")} == {"tiny-vlm"}
     assert {r["model"] for r in build.rows(VERDICTS, "deepfashion")} == {"tiny-vlm2"}
-    assert {r["model"] for r in build.rows(TRIPLETS, "deepfashion")} == {"tiny-vlm"}
+    assert {r["model"] for r in build.rows(SELECTED_TRIPLETS, "deepfashion")} == {"tiny-vlm"}
     assert build.stats("verify", "deepfashion")["model"] == "tiny-vlm2"
 
     out = capsys.readouterr()

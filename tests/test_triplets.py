@@ -9,6 +9,8 @@ from fashionmv_builder.core.build import (
     CANDIDATES,
     DEDUPE_VIEWS,
     HARD_NEGATIVES,
+    SELECTED_NEGATIVES,
+    SELECTED_TRIPLETS,
     SPLIT_PRODUCTS,
     TRIPLETS,
     Build,
@@ -58,12 +60,72 @@ def test_triplets_respect_splits_and_products(stage3_build):
 
 
 def test_counts_conserve(stage3_build):
-    for stage in (CANDIDATES.stage, TRIPLETS.stage):
+    for stage in (CANDIDATES.stage, SELECTED_TRIPLETS.stage, TRIPLETS.stage):
         c = Build(stage3_build.output_dir).counts(stage, "deepfashion")
         assert c["products_in"] == c["products_out"] + c["products_rejected"], stage
-    sources = {t["source_id"] for t in _table(stage3_build, TRIPLETS)}
-    rejected = {r["product_id"] for r in _table(stage3_build, rejects(TRIPLETS.stage))}
+    sources = {t["source_id"] for t in _table(stage3_build, SELECTED_TRIPLETS)}
+    rejected = {r["product_id"] for r in _table(stage3_build, rejects(SELECTED_TRIPLETS.stage))}
     assert sources | rejected == {c["product_id"] for c in _table(stage3_build, CANDIDATES)}
+    # the discriminability check counts triplets: each one selected is kept or rejected by id
+    checked = {t["triplet_id"] for t in _table(stage3_build, TRIPLETS)}
+    dropped = {r["product_id"] for r in _table(stage3_build, rejects(TRIPLETS.stage))}
+    assert checked | dropped == {t["triplet_id"] for t in _table(stage3_build, SELECTED_TRIPLETS)}
+    assert not checked & dropped
+
+
+def test_selection_writes_distinct_paraphrases_and_the_check_records_its_pick(stage3_build):
+    k = stage3_build.triplets.paraphrases
+    selected = _table(stage3_build, SELECTED_TRIPLETS)
+    low, high = stage3_build.lmm.words.modification_short
+    for t in selected:
+        texts = t["modification_texts_short"]
+        assert len(texts) == len(set(texts)) == k and texts[0] == t["modification_text_short"], t["triplet_id"]
+        assert all(low <= len(text.split()) <= high for text in texts)
+        assert t["check_picked_id"] is None and t["text_alone_ranks_target_first"] is None  # select leaves them
+    # discriminability.reject is false for the random-weight model: every triplet is kept, with the pick recorded
+    kept = _table(stage3_build, TRIPLETS)
+    assert len(kept) == len(selected)
+    counts = Build(stage3_build.output_dir).counts(TRIPLETS.stage, "deepfashion")
+    assert counts["check_passed"] + counts["check_failed"] == len(kept) and counts["requests_sent"] > 0
+    assert counts["check_passed"] == sum(t["check_picked_id"] == t["target_id"] for t in kept)
+    for t in kept:
+        assert 0 <= t["check_text_index"] < k and t["check_picked_id"] in t["candidate_ids"]
+        assert isinstance(t["text_alone_ranks_target_first"], bool) and isinstance(
+            t["image_alone_ranks_target_first"], bool
+        )
+    negatives = {(n["triplet_id"], n["negative_id"]) for n in _table(stage3_build, HARD_NEGATIVES)}
+    assert negatives == {(n["triplet_id"], n["negative_id"]) for n in _table(stage3_build, SELECTED_NEGATIVES)}
+
+
+def test_megapairs_export_loads_with_datasets_and_redundant_triplets_can_be_dropped(stage3_build, tmp_path):
+    from datasets import load_dataset
+
+    from fashionmv_builder.outputs.export import export_megapairs
+
+    counts = export_megapairs(stage3_build, tmp_path)
+    triplets = {t["triplet_id"]: t for t in _table(stage3_build, TRIPLETS)}
+    negatives = Counter(n["triplet_id"] for n in _table(stage3_build, HARD_NEGATIVES))
+    files = {s: str(tmp_path / "megapairs" / f"{s}.jsonl") for s in ("train", "val")}
+    loaded = load_dataset("json", data_files=files)
+    assert {s: loaded[s].num_rows for s in files} == {s: counts[f"{s}_triplets"] for s in files}
+    assert sum(counts[f"{s}_triplets"] for s in files) == len(triplets)
+    for split in files:
+        for row in loaded[split]:
+            t = triplets[row["triplet_id"]]
+            assert row["texts"] == t["modification_texts_short"] and t["split"] == split
+            assert len(row["negative_ids"]) == len(row["negative_images"]) == negatives[row["triplet_id"]]
+            for path in [
+                *row["source_images"],
+                *row["target_images"],
+                *(p for views in row["negative_images"] for p in views),
+            ]:
+                assert (tmp_path / path).is_file(), path
+    redundant = sum(bool(t["text_alone_ranks_target_first"]) for t in triplets.values())
+    kept = export_megapairs(stage3_build, tmp_path / "no-text", drop_redundant="text")
+    assert kept["train_triplets"] + kept["val_triplets"] == len(triplets) - redundant
+    either = sum(t["text_alone_ranks_target_first"] or t["image_alone_ranks_target_first"] for t in triplets.values())
+    kept = export_fashionmv(stage3_build, tmp_path / "fashionmv", drop_redundant="both")
+    assert kept["train_triplets"] + kept["val_triplets"] == len(triplets) - either
 
 
 def test_planted_siblings_are_mined(stage3_build, sample_catalogue):

@@ -4,6 +4,7 @@ human audit of captions."""
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +19,22 @@ FolderOpt = Annotated[
     Path | None,
     typer.Option(
         "--folder", help="local folder for the repo, its takedown list and state (default <output_dir>/publish)"
+    ),
+]
+
+
+class DropRedundant(StrEnum):
+    TEXT = "text"
+    IMAGE = "image"
+    BOTH = "both"
+
+
+DropRedundantOpt = Annotated[
+    DropRedundant | None,
+    typer.Option(
+        "--drop-redundant",
+        help="leave out triplets whose text alone (text), source image alone (image) or either (both) already ranks "
+        "the target first among the shown candidates",
     ),
 ]
 LabelsOpt = Annotated[Path, typer.Option("--labels", help="labels file (JSON): created, then resumed", dir_okay=False)]
@@ -40,11 +57,19 @@ def register(app: typer.Typer) -> None:
             "build/fashionmv-export"
         ),
         dataset: DatasetOpt = None,
+        drop_redundant: DropRedundantOpt = None,
+        megapairs: Annotated[
+            bool, typer.Option("--megapairs", help="also the MegaPairs-style layout (every paraphrase, hard negatives)")
+        ] = False,
     ) -> None:
         """Write FashionMV's own layout (triplet and caption JSONL, images/<dataset>/<id>/) for its tools to read."""
         from fashionmv_builder.outputs.export import export_fashionmv as export
+        from fashionmv_builder.outputs.export import export_megapairs
 
-        console.print(f"FashionMV layout under {to}: {export(cfg, to, dataset)}")
+        drop = drop_redundant.value if drop_redundant is not None else None
+        console.print(f"FashionMV layout under {to}: {export(cfg, to, dataset, drop)}")
+        if megapairs:
+            console.print(f"MegaPairs-style layout under {to}/megapairs: {export_megapairs(cfg, to, dataset, drop)}")
 
     @app.command()
     @with_run_config

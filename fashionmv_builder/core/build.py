@@ -64,8 +64,11 @@ VERDICTS = TableRef("verify", "verdicts")
 EMBEDDINGS = TableRef("embed", "embeddings")
 SPLIT_PRODUCTS = TableRef("candidates", "products")  # every product with its split: the galleries
 CANDIDATES = TableRef("candidates", "candidates")
-TRIPLETS = TableRef("select", "triplets")
-HARD_NEGATIVES = TableRef("select", "hard_negatives")
+SELECTED_TRIPLETS = TableRef("select", "triplets")  # what selection wrote, before the checks that follow it
+SELECTED_NEGATIVES = TableRef("select", "hard_negatives")
+# The build's triplets: those the discriminability check kept, with their flags; every output reads these.
+TRIPLETS = TableRef("discriminate", "triplets")
+HARD_NEGATIVES = TableRef("discriminate", "hard_negatives")
 
 
 RUNS_FILE = "_runs.jsonl"

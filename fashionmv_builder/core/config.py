@@ -281,8 +281,11 @@ class TripletsConfig(_Strict):
     min_views_involved: int = Field(default=2, ge=1, le=5)
     same_category: bool = False  # restrict candidates to the source's category (from Stage 1)
     same_gender: bool = False
-    prompt: str = "select.v1"
+    prompt: str = "select.v2"
     max_tokens: int = Field(default=4096, gt=0)
+    # short modification texts per triplet, distinct, in the same call (retrieval models are phrasing-sensitive:
+    # PinPoint measured 25.1% variation across paraphrases of one query); the first is FashionMV's field
+    paraphrases: int = Field(default=3, ge=1, le=8)
     candidates_as: Literal["images", "captions"] = "images"  # captions save tokens
     candidate_max_pixels: int = Field(default=128 * 160, gt=0)  # candidates' views are sent smaller than the source's
     breaker_threshold: float = Field(default=0.3, gt=0, le=1)  # stop when this share of answers is invalid
@@ -318,7 +321,22 @@ class EmbedConfig(_Strict):
     image: ImageEncoderConfig = ImageEncoderConfig()
 
 
-LMM_SECTIONS = ("caption", "verify", "triplets")  # the config sections of the LMM stages
+class DiscriminabilityConfig(_Strict):
+    """The check after selection: does one of a triplet's texts lead an LMM from the source back to its target among
+    the same shown candidates? Off: triplets pass unasked (the redundancy flags are still computed)."""
+
+    enabled: bool = True
+    lmm: LmmOverride | None = None  # type: ignore[valid-type]
+    prompt: str = "discriminate.v1"
+    max_tokens: int = Field(default=64, gt=0)  # the answer is one index (a few tokens, whitespace aside)
+    candidates_as: Literal["images", "captions"] = "captions"  # captions keep the call cheap
+    candidate_max_pixels: int = Field(default=128 * 160, gt=0)  # the candidates' views, when sent as images
+    # false: record every pick but reject nothing (for a model whose picks are noise, like the tiny one)
+    reject: bool = True
+    breaker_threshold: float = Field(default=0.3, gt=0, le=1)  # stop when this share of answers is invalid
+
+
+LMM_SECTIONS = ("caption", "verify", "triplets", "discriminability")  # the config sections of the LMM stages
 
 
 class RunConfig(_Strict):
@@ -335,6 +353,7 @@ class RunConfig(_Strict):
     verify: VerifyConfig = VerifyConfig()
     embed: EmbedConfig = EmbedConfig()
     triplets: TripletsConfig = TripletsConfig()
+    discriminability: DiscriminabilityConfig = DiscriminabilityConfig()
 
     @model_validator(mode="after")
     def _unique_datasets(self) -> RunConfig:

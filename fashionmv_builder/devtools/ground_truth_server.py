@@ -14,7 +14,11 @@ never read. From the truth it answers
   pocket's side where there is one);
 - Stage 2 (`verify`): `remove` exactly when a claim contradicts the truth of the image it is about, listing them;
 - Stage 3 (`select`): the shown candidates that are true siblings of the source (same base garment) and differ in
-  views enough of which both products show, with texts naming the differences and the views they show in.
+  views enough of which both products show, with texts naming the differences and the views they show in (as many
+  distinct short texts as the schema asks for, each naming every difference after its own lead words);
+- the discriminability check (`discriminate`): the source's truth with the text's `attr=value` claims applied is the
+  product described; the answer is the first shown candidate that agrees with it on the most attributes (candidates
+  as images: their truth; as captions: what their short captions state).
 
 Token counts in `usage` are estimates (words and a fixed cost per image). `/metrics` counts requests per stage and
 images it could not recognise, so a test can prove every image was one of the catalogue's.
@@ -71,6 +75,17 @@ VIEW_OF_RENDER.update({"detail": "detail", "detail_back": "detail", "detail_hem"
 # The drawing's convention (sample_catalogue): the front faces the camera, the side view is the wearer's left profile.
 WEARER_LEFT = {"front": "image_right", "full": "image_right", "back": "image_left"}
 FILLER = ("as", "shown", "in", "the", "photos")
+# Lead words of the k-th short text: paraphrases of one change, distinct from their first words on.
+PARAPHRASE_LEADS = (
+    ("same", "{category}", "but"),
+    ("this", "{category}", "with"),
+    ("make", "it"),
+    ("change", "to"),
+    ("want", "instead"),
+    ("prefer",),
+    ("swap", "for"),
+    ("like", "source", "except"),
+)
 IMAGE_TOKENS = 256  # the estimate of one image's prompt tokens in `usage`
 MAX_SAMPLE_PIXELS = 4096 * 4096  # the sample's images are a few hundred pixels a side
 FASHIONGEN_FILES = {"train": "fashiongen_256_256_train.h5", "val": "fashiongen_256_256_validation.h5"}
@@ -148,6 +163,23 @@ def product_words(attrs: dict[str, str], mirror: bool = False) -> list[str]:
                 value = {"left": "right", "right": "left"}.get(value, value)
             words.append(f"{attr}={value}")
     return [*words, f"gender={attrs['gender']}"]
+
+
+def caption_attributes(words: list[str]) -> dict[str, str]:
+    """What a ground-truth caption states: colour, pattern and category by position, then `attr=value` words."""
+    attrs = dict.fromkeys(DETAILS, NA)
+    for position, word in enumerate(words):
+        attr, _, value = word.partition("=")
+        if value:
+            attrs[attr] = value
+        elif position < len(EVERY_VIEW):
+            attrs[EVERY_VIEW[position]] = word
+    return attrs
+
+
+def _same(attr: str, a: str | None, b: str | None) -> bool:
+    """Two values of an attribute agree as the schema's 20-character words can show them."""
+    return a is not None and b is not None and f"{attr}={a}"[:20] == f"{attr}={b}"[:20]
 
 
 def claim_errors(attrs: dict[str, str], render: str | None, words: list[str]) -> list[str]:
@@ -372,7 +404,10 @@ class Answerer:
             changed = differences(a, b)
             if not changed or len(views) < min_views:
                 continue
-            short = ["same", a["category"], "but", *(f"{x}={b[x]}" for x in changed)]
+            shorts = _resolve(schema, props["modifications_short"]["items"])
+            count = props["modifications_short"].get("minItems", 1)
+            changes = [f"{x}={b[x]}" for x in changed]
+            lead = [[w.format(category=a["category"]) for w in words] for words in PARAPHRASE_LEADS[:count]]
             long = ["same", a["category"], "but"]
             for x in changed:
                 long += [x, "from", a[x], "to", b[x]]
@@ -381,11 +416,32 @@ class Answerer:
                 {
                     "candidate": c,
                     "views_involved": views,
-                    "modification_short": fit(short, word_bounds(props["modification_short"])),
+                    "modifications_short": [fit([*w, *changes], word_bounds(shorts)) for w in lead],
                     "modification_long": fit(long, word_bounds(props["modification_long"])),
                 }
             )
         return {"choices": picked}
+
+    def discriminate(self, schema: dict, source: list[Seen], candidates: list[list[Seen]], texts: list[str]) -> dict:
+        """The candidate the text describes: the source's truth with the text's `attr=value` claims applied."""
+        src, _ = self._group(source)
+        lines = [t for t in texts if t.startswith("Candidate ")]
+        text = next(t for t in reversed(texts) if t.startswith("Modification text: "))
+        described = dict(self.truth.products[src]) if src is not None else {}
+        for word in text.split(": ", 1)[1].split():
+            attr, _, value = word.partition("=")
+            if value and attr in (*EVERY_VIEW, *DETAILS):
+                described[attr] = value
+        scores = []
+        for c, line in enumerate(lines):
+            if candidates:  # shown as images: what they are
+                product, _ = self._group(candidates[c]) if c < len(candidates) else (None, [])
+                attrs = self.truth.products[product] if product is not None else {}
+            else:  # shown as captions: what the caption states (a detail it does not name is not there)
+                attrs = caption_attributes(line.split(": ", 1)[1].split())
+            scores.append(sum(_same(attr, attrs.get(attr), described.get(attr)) for attr in (*EVERY_VIEW, *DETAILS)))
+        best = max(range(len(scores)), key=lambda c: (scores[c], -c)) if scores else 0
+        return {"candidate": best + 1}
 
 
 # -- the HTTP server ------------------------------------------------------------------------------------------
@@ -458,6 +514,8 @@ def create_app(answerer: Answerer, media_root: Path | None, model: str = MODEL_N
             answer = {"canary": schema["properties"]["canary"]["enum"][0]}
         elif stage == "select":
             answer = answerer.select(schema, groups[0] if groups else [], groups[1:])
+        elif stage == "discriminate":
+            answer = answerer.discriminate(schema, groups[0] if groups else [], groups[1:], texts)
         else:
             raise HTTPException(400, f"no ground truth for requests with schema {stage!r}")
         with answerer.lock:

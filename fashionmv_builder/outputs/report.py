@@ -7,7 +7,9 @@ tokens and GPU-hours per LMM stage, and a modality-redundancy check on the val s
 (modification text against the gallery's short captions), image-only (source against gallery images) and composed
 (image and text cosines averaged) retrieval with the baseline embedders, computed by the ProCIR evaluator's recall
 code. A good CIR set needs both modalities: if text-only or image-only already retrieves the target, the modification
-text or the source is redundant.
+text or the source is redundant. Per triplet, too: the discriminate stage's flags say whether the text alone or the
+source image alone already ranks the target first among the shown candidates; the report gives their shares, the
+number of short texts (paraphrases) per triplet, and the discriminability check's rejection rate and tokens.
 
 Missing data never fails the report: a stage without stats has `None` counts, a distribution without data is empty.
 """
@@ -37,6 +39,7 @@ from fashionmv_builder.core.build import (
 )
 from fashionmv_builder.core.config import LmmPrice, RunConfig
 from fashionmv_builder.core.stage import Work
+from fashionmv_builder.data_schema.reasons import RejectReason
 from fashionmv_builder.pipeline import PIPELINE
 from fashionmv_builder.procir.recall import l2_normalise, recall_at_k
 from fashionmv_builder.stages.embed import encode_texts
@@ -55,6 +58,8 @@ TRIPLET_COLUMNS = [
     "modification_text_short",
     "modification_text_long",
 ]
+# The columns of issue #20 (paraphrases, redundancy flags), read apart: a build from before them has triplets too.
+FLAG_COLUMNS = ["modification_texts_short", "text_alone_ranks_target_first", "image_alone_ranks_target_first"]
 
 
 def histogram(values: Iterable[int], max_bins: int = MAX_BINS) -> dict:
@@ -134,6 +139,50 @@ def _verifier(config: RunConfig, build: Build, dataset: str) -> dict:
     if not config.verify.remove:
         result["note"] = "verify.remove is false: these products were only recorded, not removed"
     return result
+
+
+def _discriminability(config: RunConfig, build: Build, dataset: str) -> dict:
+    """Share of selected triplets whose text did not lead the check back to their target, and what the check cost."""
+    counts = build.counts(TRIPLETS.stage, dataset)
+    checked = counts.get("check_passed", 0) + counts.get("check_failed", 0)
+    if not checked:
+        return {"enabled": config.discriminability.enabled, "note": "no triplet was checked"}
+    rejected = counts.get(f"rejected.{RejectReason.TEXT_NOT_DISCRIMINATIVE}", 0)
+    result: dict = {
+        "enabled": config.discriminability.enabled,
+        "checked": checked,
+        "failed": counts.get("check_failed", 0),
+        "rejected": rejected,
+        "rejection_rate": round(rejected / checked, 4),
+        "tokens_in": counts.get("tokens_in", 0),
+        "tokens_out": counts.get("tokens_out", 0),
+    }
+    if not config.discriminability.reject:
+        result["note"] = "discriminability.reject is false: failed triplets were only recorded, not rejected"
+    return result
+
+
+def _flags(flags: pd.DataFrame) -> dict:
+    """Paraphrases per triplet and the shares of triplets the text alone or the image alone already solves."""
+    texts = flags["modification_texts_short"].dropna().map(len)
+    known = flags.dropna(subset=["text_alone_ranks_target_first", "image_alone_ranks_target_first"])
+    text, image = (
+        known["text_alone_ranks_target_first"].astype(bool),
+        known["image_alone_ranks_target_first"].astype(bool),
+    )
+    shares = (
+        {
+            "text_alone_first": round(float(text.mean()), 4),
+            "image_alone_first": round(float(image.mean()), 4),
+            "either_first": round(float((text | image).mean()), 4),
+        }
+        if len(known)
+        else {}
+    )
+    return {
+        "paraphrases_per_triplet": round(float(texts.mean()), 2) if len(texts) else None,
+        "redundancy_flags": {"triplets": len(known), **shares},
+    }
 
 
 def _lmm_cost(config: RunConfig, build: Build) -> dict:
@@ -262,6 +311,8 @@ def build_report(config: RunConfig) -> dict:
             "caption_words": {name: _words(captions[f"{name}_caption"]) for name in ("long", "short")},
             "hard_negatives": build.read(HARD_NEGATIVES, dataset).num_rows,
             "verifier": _verifier(config, build, dataset),
+            "discriminability": _discriminability(config, build, dataset),
+            **_flags(_frame(build, TRIPLETS, dataset, FLAG_COLUMNS)),
             "lmm_cost": {},
             "funnel": funnel,
         }
@@ -309,6 +360,23 @@ def to_markdown(report: dict) -> str:
             ]
         if v.get("note"):
             lines += [f"- verifier: {v['note']}"]
+        lines += [f"- short texts (paraphrases) per triplet: {_cell(d.get('paraphrases_per_triplet'))}"]
+        c = d.get("discriminability", {})
+        if "rejection_rate" in c:
+            lines += [
+                f"- discriminability check: {c['rejected']} of {c['checked']} triplets rejected "
+                f"({c['rejection_rate']}); {c['failed']} failed; it cost {c['tokens_in']} tokens in, "
+                f"{c['tokens_out']} out"
+            ]
+        if c.get("note"):
+            lines += [f"- discriminability check: {c['note']}"]
+        f = d.get("redundancy_flags", {})
+        if f.get("triplets"):
+            lines += [
+                f"- redundancy flags ({f['triplets']} triplets): the text alone ranks the target first among the shown "
+                f"candidates for {f['text_alone_first']}, the source image alone for {f['image_alone_first']}, "
+                f"either for {f['either_first']}"
+            ]
         lines += [f"- views_involved: {d['views_involved']}", "", "| LMM stage | tokens in | tokens out | server-s |"]
         lines += ["|---|---:|---:|---:|"]
         lines += [

@@ -8,6 +8,7 @@ Views are listed exactly as the reference does (§2), because the first five by 
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,12 @@ class Triplet:
     modification_text_short: str
     modification_text_long: str | None = None
     views_involved: tuple[str, ...] | None = None
+    # every short text of the triplet (ours: triplets.paraphrases of them; FashionMV's release: none beyond the one)
+    paraphrases: tuple[str, ...] = ()
+
+    def short_text(self, rng: random.Random) -> str:
+        """One of the triplet's short texts, drawn with `rng` (the one text when it has no paraphrases)."""
+        return rng.choice(self.paraphrases) if self.paraphrases else self.modification_text_short
 
 
 @dataclass(frozen=True)

@@ -43,12 +43,12 @@ def shrink_images(image_root: Path, max_side: int) -> int:
 
 
 def shuffled_texts(data: TrainSet, seed: int = 0) -> TrainSet:
-    """The same triplets with their (short, long) modification texts permuted across triplets."""
-    texts = [(t.modification_text_short, t.modification_text_long) for t in data.triplets]
+    """The same triplets with their (short, paraphrases, long) modification texts permuted across triplets."""
+    texts = [(t.modification_text_short, t.paraphrases, t.modification_text_long) for t in data.triplets]
     random.Random(f"{seed}:shuffle-texts").shuffle(texts)
     triplets = [
-        dataclasses.replace(t, modification_text_short=short, modification_text_long=long)
-        for t, (short, long) in zip(data.triplets, texts, strict=True)
+        dataclasses.replace(t, modification_text_short=short, paraphrases=paraphrases, modification_text_long=long)
+        for t, (short, paraphrases, long) in zip(data.triplets, texts, strict=True)
     ]
     return dataclasses.replace(data, triplets=triplets)
 

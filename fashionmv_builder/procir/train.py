@@ -167,9 +167,10 @@ def prepare_contrastive(
     def cot(keys: list[ProductKey]) -> list[str] | None:
         return [keep_words(caption(key, True), ratio, rng) for key in keys] if cfg.cot else None
 
+    # One of each triplet's paraphrases per step, from its own generator (runs on single-text data draw as before).
+    phrasing = random.Random(f"{cfg.seed}:paraphrase:{step}")
     texts = [
-        t.modification_text_long if long_text and t.modification_text_long else t.modification_text_short
-        for t in triplets
+        t.modification_text_long if long_text and t.modification_text_long else t.short_text(phrasing) for t in triplets
     ]
     source_images = [load_views(data.views[key]) for key in sources]
     target_images = [load_views(data.views[key]) for key in targets]

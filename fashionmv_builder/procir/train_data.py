@@ -97,6 +97,7 @@ def load_build_train(config: RunConfig, image_root: Path, split: str = "train") 
                     modification_text_short=r["modification_text_short"],
                     modification_text_long=r["modification_text_long"],
                     views_involved=tuple(r["views_involved"]),
+                    paraphrases=tuple(r.get("modification_texts_short") or ()),
                 )
             )
         index = {r["triplet_id"]: i for i, r in enumerate(rows, len(triplets) - len(rows))}

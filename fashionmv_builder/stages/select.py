@@ -1,9 +1,10 @@
 """Listwise target selection: one LMM call sees a source and its shown candidates and picks at most two targets,
-each with a short (16–32 words) and a long (64–128 words) modification text and the views involved.
+each with `triplets.paraphrases` distinct short (16–32 words) modification texts, a long (64–128 words) one and the
+views involved.
 
 In: `candidates` shards. Out: `triplets` and `hard_negatives` (the shown candidates not chosen, kept with each
 triplet: FashionMV throws them away). A source with no chosen target is rejected (`no_target_selected`); an answer
-that repeats a candidate or stays invalid after the retries is rejected (`invalid_lmm_answer`).
+that repeats a candidate or a short text, or stays invalid after the retries is rejected (`invalid_lmm_answer`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,14 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import ClassVar
 
-from fashionmv_builder.core.build import CANDIDATES, CAPTIONS, DEDUPE_VIEWS, HARD_NEGATIVES, INGEST_IMAGES, TRIPLETS
+from fashionmv_builder.core.build import (
+    CANDIDATES,
+    CAPTIONS,
+    DEDUPE_VIEWS,
+    INGEST_IMAGES,
+    SELECTED_NEGATIVES,
+    SELECTED_TRIPLETS,
+)
 from fashionmv_builder.core.config import RunConfig
 from fashionmv_builder.core.ledger import Reject, ShardLedger
 from fashionmv_builder.core.stage import ShardTask
@@ -37,14 +45,25 @@ def repeated_candidate(answer) -> str | None:
     return f"candidate chosen twice: {picked}" if len(picked) != len(set(picked)) else None
 
 
+def repeated_text(answer) -> str | None:
+    for choice in answer.choices:
+        texts = choice.modifications_short
+        if len(texts) != len(set(texts)):
+            return f"candidate {choice.candidate}: a short text written twice: {texts}"
+    return None
+
+
 class SelectStage(LmmStage):
     """Stage 3: let the LMM pick targets among each source's candidates and write modification texts."""
 
-    name = TRIPLETS.stage
-    version = "1"
+    name = SELECTED_TRIPLETS.stage
+    version = "2"  # 2: paraphrases
     # Candidates are any product of the dataset: their views, short captions and images are read from every shard.
     reads = (CANDIDATES, DEDUPE_VIEWS.every_shard(), CAPTIONS.every_shard(), INGEST_IMAGES.every_shard())
-    writes: ClassVar[dict] = {TRIPLETS.table: tables.TRIPLETS, HARD_NEGATIVES.table: tables.HARD_NEGATIVES}
+    writes: ClassVar[dict] = {
+        SELECTED_TRIPLETS.table: tables.TRIPLETS,
+        SELECTED_NEGATIVES.table: tables.HARD_NEGATIVES,
+    }
     settings_section = "triplets"
 
     def __init__(self, config: RunConfig) -> None:
@@ -149,7 +168,9 @@ class SelectStage(LmmStage):
                 line = f"Candidate {c}: {self._captions[dataset][pid]}"
                 content.append(text_part(line))
             texts.append(line)
-        model = selection_answer(lmm.words, len(candidates), t.max_targets, t.min_targets, t.min_views_involved)
+        model = selection_answer(
+            lmm.words, len(candidates), t.max_targets, t.min_targets, t.min_views_involved, t.paraphrases
+        )
         return self.make_ask(model, content, hashes, texts, check=self.check)
 
     # -- the answer ----------------------------------------------------------------------------------------------
@@ -166,21 +187,23 @@ class SelectStage(LmmStage):
         shown = set(p["candidate_ids"])
         triplets = [
             {**t, "candidate_ids": [c for c in t["candidate_ids"] if c in shown]}
-            for t in before[TRIPLETS.table]
+            for t in before[SELECTED_TRIPLETS.table]
             if t["target_id"] in shown
         ]
         if not triplets:
-            gone = sorted({t["target_id"] for t in before[TRIPLETS.table]})
+            gone = sorted({t["target_id"] for t in before[SELECTED_TRIPLETS.table]})
             return Reject(RejectReason.TARGET_WITHDRAWN, f"its targets {gone} are no longer in the build")
         kept = {t["triplet_id"] for t in triplets}
-        negatives = [n for n in before[HARD_NEGATIVES.table] if n["triplet_id"] in kept and n["negative_id"] in shown]
+        negatives = [
+            n for n in before[SELECTED_NEGATIVES.table] if n["triplet_id"] in kept and n["negative_id"] in shown
+        ]
         ledger.counts["triplets"] += len(triplets)
         ledger.counts["triplets_multi_view"] += sum(len(t["views_involved"]) >= 2 for t in triplets)
-        return {TRIPLETS.table: triplets, HARD_NEGATIVES.table: negatives}
+        return {SELECTED_TRIPLETS.table: triplets, SELECTED_NEGATIVES.table: negatives}
 
     def check(self, answer) -> str | None:
-        """Rules the schema cannot express: no candidate twice, and distinct views spanning enough of them."""
-        if problem := repeated_candidate(answer):
+        """Rules the schema cannot express: no candidate or short text twice, and distinct views spanning enough."""
+        if problem := repeated_candidate(answer) or repeated_text(answer):
             return problem
         for choice in answer.choices:
             if len(set(choice.views_involved)) < self.config.triplets.min_views_involved:
@@ -208,7 +231,8 @@ class SelectStage(LmmStage):
                     "split": p["split"],
                     "source_id": p["product_id"],
                     "target_id": target,
-                    "modification_text_short": choice.modification_short,
+                    "modification_text_short": choice.modifications_short[0],
+                    "modification_texts_short": list(choice.modifications_short),
                     "modification_text_long": choice.modification_long,
                     "views_involved": views,
                     "candidate_ids": shown,

@@ -28,7 +28,9 @@ LMM_STAGES: dict[str, TableRef] = {cls.name: _answers_table(cls) for cls in PIPE
 SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")]
 CARD_TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}"
 DESCRIPTIONS = {
-    "triplets": "source product, target product, short and long modification text, the views the change spans",
+    "triplets": "source product, target product, short modification texts (paraphrases; the first is FashionMV's "
+    "field), long modification text, the views the change spans, the discriminability check's pick and the "
+    "per-triplet redundancy flags",
     "captions": "per-view captions and long/short product captions (Stage 1)",
     "products": "every product with its split, source, licence and kept views (file name, source path, sha256)",
     "hard_negatives": "candidates shown with each triplet and not chosen, in shown order",
@@ -231,6 +233,25 @@ def _statistics(card: CardInput) -> list[str]:
         )
     header = ["dataset", "products train", "val", "triplets train", "val", "triplets/source", "share ≥2 views"]
     lines += _table([*header, "words short", "words long", "hard negatives"], rows)
+    checks = [
+        [
+            dataset,
+            d.get("paraphrases_per_triplet"),
+            (d.get("discriminability") or {}).get("rejection_rate"),
+            (d.get("redundancy_flags") or {}).get("text_alone_first"),
+            (d.get("redundancy_flags") or {}).get("image_alone_first"),
+        ]
+        for dataset, d in report.get("datasets", {}).items()
+    ]
+    lines += [
+        "",
+        "Per triplet: the short texts written (paraphrases), the share the discriminability check rejected (its text "
+        "did not lead an LMM from the source back to the target among the shown candidates), and the shares whose "
+        "text alone or source image alone already ranks the target first among them (redundancy flags).",
+        "",
+    ]
+    header = ["dataset", "paraphrases", "discriminability rejection rate", "text alone first", "image alone first"]
+    lines += _table(header, checks)
     for dataset, d in report.get("datasets", {}).items():
         funnel = ", ".join(f"{s} {f.get('in')}→{f.get('out')}" for s, f in (d.get("funnel") or {}).items())
         redundancy = d.get("modality_redundancy") or {}
