@@ -29,7 +29,7 @@ from fashionmv_builder.lmm.harness import (
     text_part,
     words_tokens,
 )
-from fashionmv_builder.lmm.media import MediaCache, PreparedImage
+from fashionmv_builder.lmm.media import MediaCache, PreparedImage, warm
 
 
 def repeated_candidate(answer) -> str | None:
@@ -74,6 +74,8 @@ class SelectStage(LmmStage):
         for shard, pids in by_shard.items():
             found = self.build.kept_views(dataset, [shard], products=pids)
             for pid in pids:
+                for view in found[pid]:  # every budget from one decode, unless an earlier LMM stage prepared it
+                    warm(list(media.values()), view["bytes"])
                 for budget, cache in media.items():
                     self._prepared[(dataset, pid, budget)] = [cache.prepare(v["bytes"]) for v in found[pid]]
 
