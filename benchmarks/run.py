@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks import bench_dedupe, bench_eval, bench_ingest, bench_learns, bench_lmm, bench_train
+from benchmarks import bench_dedupe, bench_eval, bench_ingest, bench_learns, bench_lmm, bench_photos, bench_train
 
 
 def main() -> None:
@@ -18,6 +18,7 @@ def main() -> None:
     bench_ingest.main(smoke=args.smoke)
     bench_dedupe.main(smoke=args.smoke)
     bench_lmm.main(smoke=args.smoke)
+    bench_photos.main(smoke=args.smoke)
     bench_eval.main(smoke=args.smoke)
     bench_train.main(smoke=args.smoke)
     bench_learns.main(smoke=args.smoke)
