@@ -18,6 +18,7 @@ import hashlib
 import io
 import math
 import multiprocessing
+import resource
 import shutil
 import statistics
 import tempfile
@@ -140,15 +141,22 @@ def view_profile(data: bytes) -> list[tuple[str, float]]:
     ]
 
 
-def _timed(config: RunConfig, stage: str) -> tuple[float, int, int]:
-    """Seconds, products in and views in of one stage's run."""
-    start = time.perf_counter()
+def _cpu_seconds() -> float:
+    """CPU time of this process (every thread) and of its finished children (ingest's worker processes)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _timed(config: RunConfig, stage: str) -> tuple[float, float, int, int]:
+    """Wall seconds, CPU seconds, products in and views in of one stage's run."""
+    start, cpu = time.perf_counter(), _cpu_seconds()
     reports = run_local(config, [stage])[stage]
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     errors = [r.error for r in reports if r.error]
     if errors:
         raise RuntimeError(f"{stage}: {errors}")
-    return elapsed, sum(r.counts.get("products_in", 0) for r in reports), sum(r.counts["views_in"] for r in reports)
+    products = sum(r.counts.get("products_in", 0) for r in reports)
+    return elapsed, cpu, products, sum(r.counts["views_in"] for r in reports)
 
 
 def main(smoke: bool = False, products: int | None = None, size: tuple[int, int] = (1000, 1250)) -> None:
@@ -163,7 +171,7 @@ def main(smoke: bool = False, products: int | None = None, size: tuple[int, int]
         out = base / "build"
         with server_process(catalogue, out) as url:
             config = _config(out, catalogue, url, workers=2)
-            ingest_s, _, images = _timed(config, "ingest")
+            ingest_s, ingest_cpu, _, images = _timed(config, "ingest")
             _timed(config, "dedupe")
             cold = _timed(config, "caption")
             shutil.rmtree(out / "caption")  # its shards and stored answers: the next run asks the server again
@@ -176,17 +184,20 @@ def main(smoke: bool = False, products: int | None = None, size: tuple[int, int]
         f"{CAPTION_PIXELS} px (candidates {CANDIDATE_PIXELS} px), against the ground-truth server (instant answers)"
     )
     peer = images / ingest_s
-    print(f"  ingest (the peer):                 {peer:7.1f} images/s ({ingest_s:.1f} s)")
+    print(
+        f"  ingest (the peer):                 {peer:7.1f} images/s ({ingest_s:.1f} s); "
+        f"{images / ingest_cpu:.0f} images per CPU-second"
+    )
     rows = [
         ("caption, image cache empty", cold, "products"),
         ("caption, images prepared ahead", warm, "products"),
         ("verify", verify, "products"),
         ("select (Stage 3)", select, "sources"),
     ]
-    for name, (seconds, n, views), unit in rows:
+    for name, (seconds, cpu, n, views), unit in rows:
         print(
             f"  {name + ':':34} {n / seconds:7.1f} {unit}/s ({seconds:.1f} s); its views {views / seconds:.0f}/s = "
-            f"{views / seconds / peer:.2f}× ingest's images/s"
+            f"{views / seconds / peer:.2f}× ingest's images/s; {n / cpu:.1f} {unit} per CPU-second"
         )
     print("  where one view's preparation goes (one thread, median of 7):")
     for step, ms in profile:
