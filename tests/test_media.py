@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fashionmv_builder.core.config import validate_config
+from fashionmv_builder.lmm.harness import run_budgets
 from fashionmv_builder.lmm.media import MediaCache, fit_to_pixels, prepare_views, warm
+from fashionmv_builder.stages.caption import CaptionStage
 
 CAPTION, CANDIDATE = 256 * 320, 128 * 160  # the default budgets
 
@@ -108,3 +111,22 @@ def test_concurrent_writers_of_one_image_never_fail(tmp_path):
         t.join()
     assert errors == []
     assert [p.suffix for p in tmp_path.rglob("*") if p.is_file()] == [".jpg", ".jpg"]  # no temporary file left behind
+
+
+def test_the_run_prepares_every_pixel_budget_its_lmm_stages_send(tmp_path):
+    config = validate_config(
+        {
+            "output_dir": str(tmp_path),
+            "sources": [{"kind": "folder", "dataset": "d", "root": str(tmp_path)}],
+            "lmm": {"endpoints": ["http://127.0.0.1:9"], "image_max_pixels": 327_680},
+            "verify": {"lmm": {"image_max_pixels": 200_000}},
+            "triplets": {"candidate_max_pixels": 40_000},
+        }
+    )
+    caches = run_budgets(CaptionStage(config))
+    assert [c.max_pixels for c in caches] == [327_680, 200_000, 40_000]
+    assert {c.folder for c in caches} == {tmp_path / "lmm-images"}
+    captions_only = config.model_copy(
+        update={"triplets": config.triplets.model_copy(update={"candidates_as": "captions"})}
+    )
+    assert [c.max_pixels for c in run_budgets(CaptionStage(captions_only))] == [327_680, 200_000]
