@@ -95,7 +95,9 @@ class StageContext:
         if self.pool is None or not self.budgets:
             return
         loop = asyncio.get_running_loop()
-        await asyncio.gather(*(loop.run_in_executor(self.pool, warm, self.budgets, data) for data in images))
+        # An image that fails here fails again, as before the cache, when its request is made: reported there.
+        jobs = (loop.run_in_executor(self.pool, warm, self.budgets, data) for data in images)
+        await asyncio.gather(*jobs, return_exceptions=True)
 
 
 def text_part(text: str) -> dict:
