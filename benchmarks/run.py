@@ -16,6 +16,7 @@ from benchmarks import (
     bench_ingest,
     bench_learns,
     bench_lmm,
+    bench_photos,
     bench_train,
 )
 
@@ -29,6 +30,7 @@ def main() -> None:
     bench_encoders.main(smoke=args.smoke)
     bench_lmm.main(smoke=args.smoke)
     bench_incremental.main(smoke=args.smoke)
+    bench_photos.main(smoke=args.smoke)
     bench_eval.main(smoke=args.smoke)
     bench_train.main(smoke=args.smoke)
     bench_learns.main(smoke=args.smoke)

@@ -300,8 +300,8 @@ def test_dask_runner_spreads_shards_over_a_real_two_worker_cluster(
 def _first_request_keys(config: RunConfig) -> dict[int, set[str]]:
     """Per dedupe shard, the answer-store keys of its caption requests (first attempts)."""
     stage = CaptionStage(config)
-    # no file:// URLs, so nothing is written beside the running flow's media cache; the hashes are the same
-    ctx = SimpleNamespace(media=MediaCache(Path("unused"), config.lmm.image_max_pixels, share_disk=False))
+    # no disk cache, so nothing is written beside the running flow's media cache; the hashes are the same
+    ctx = SimpleNamespace(media=MediaCache(None, config.lmm.image_max_pixels, share_disk=False))
     return {
         marker.shard: {ask_key(stage.ask(item, ctx)) for item in stage.load_items(ShardTask(DATASET, marker.shard, ""))}
         for marker in Build(config.output_dir).markers("dedupe", DATASET)

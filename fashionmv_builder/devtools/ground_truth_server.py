@@ -6,8 +6,8 @@ OpenAI-compatible chat API as vLLM (`/v1/models`, `/v1/chat/completions`), so a 
 schemas, answer store, resume and breakers, but its answers come from the sample catalogue's `ground_truth.json`.
 
 It recognises a product only from the image bytes it is sent: at start it prepares every catalogue image the way
-the client does (`fit_to_pixels` at each pixel budget) and indexes the sha256 of the result; ids in the prompt are
-never read. From the truth it answers
+the client does (`prepare_views`: `fit_to_pixels` at each pixel budget) and indexes the sha256 of the result; ids in
+the prompt are never read. From the truth it answers
 - Stage 1 (schema `caption`): per view, the view type, on which side of the image the wearer's left is, and a
   caption of the attributes that view shows, as `attr=value` words after colour, pattern and category; a seeded
   share of products (`wrong_share`) gets a planted wrong left/right claim (front views' wearer-left side, and the
@@ -50,7 +50,7 @@ from PIL import Image
 from fashionmv_builder.core.config import LmmConfig, TripletsConfig
 from fashionmv_builder.devtools.local_server import serve_app
 from fashionmv_builder.devtools.sample_catalogue import FILE_LAYOUTS, NA, detail_region
-from fashionmv_builder.lmm.media import fit_to_pixels
+from fashionmv_builder.lmm.media import prepare_views
 from fashionmv_builder.stages.ingest.images import encode_jpeg
 
 MODEL_NAME = "ground-truth"
@@ -253,9 +253,8 @@ class GroundTruth:
         for product, render, data in self._images(catalogue):
             original = hashlib.sha256(data).hexdigest()
             if original not in prepared:
-                prepared[original] = (
-                    [hashlib.sha256(fit_to_pixels(data, b)).hexdigest() for b in budgets] if _sendable(data) else []
-                )
+                sent = prepare_views(data, budgets).values() if _sendable(data) else []
+                prepared[original] = [hashlib.sha256(x).hexdigest() for x in sent]
             for sent in prepared[original]:
                 self.index.setdefault(sent, {}).setdefault(product, render)
 

@@ -5,6 +5,10 @@ reject with its reason); the harness does the rest the same way for all of them:
 shard through the client, count tokens and time, trip the run's circuit breaker for the stage, and hand the shard
 to the executor's `commit`. Locally every shard's requests share one client (`run_lmm_shards`, so the server stays
 busy across shard boundaries); a task runner runs one shard on a client of its own (`run_lmm_shard`).
+
+Before a shard's requests are made, its views are prepared at every pixel budget of the run's LMM stages (media.py)
+in a pool of `workers` threads (PIL decodes, resizes and encodes without the GIL), while the earlier shards' requests
+are in flight: the first LMM stage decodes each full-size photo once, and the later ones read the small files.
 """
 
 from __future__ import annotations
@@ -14,13 +18,14 @@ import hashlib
 import math
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import pyarrow as pa
 from pydantic import BaseModel
 
-from fashionmv_builder.core.config import ConfigError, LmmConfig, RunConfig, digest
+from fashionmv_builder.core.config import LMM_SECTIONS, ConfigError, LmmConfig, RunConfig, digest
 from fashionmv_builder.core.executor import commit
 from fashionmv_builder.core.ledger import Reject, ShardLedger
 from fashionmv_builder.core.prompts import load_prompt
@@ -30,7 +35,7 @@ from fashionmv_builder.data_schema.lmm_answers import schema_digest, schema_of
 from fashionmv_builder.data_schema.reasons import RejectReason
 from fashionmv_builder.lmm.calls import AnswerStore, CallOutcome, CircuitBreaker, call_validated
 from fashionmv_builder.lmm.client import PIXELS_PER_IMAGE_TOKEN, LmmClient, LmmRequest, lmm_client
-from fashionmv_builder.lmm.media import MediaCache
+from fashionmv_builder.lmm.media import MediaCache, warm
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,17 @@ class StageContext:
     answers: AnswerStore
     breaker: CircuitBreaker
     endpoints: int
+    budgets: Sequence[MediaCache] = ()  # every pixel budget of the run's LMM stages, prepared ahead of the requests
+    pool: Executor | None = None  # where they are prepared; None: each image when its request is made
+
+    async def warm(self, images: Sequence[bytes]) -> None:
+        """Prepare `images` at every budget in the pool, so that no request waits on a full-size decode."""
+        if self.pool is None or not self.budgets:
+            return
+        loop = asyncio.get_running_loop()
+        # An image that fails here fails again, as before the cache, when its request is made: reported there.
+        jobs = (loop.run_in_executor(self.pool, warm, self.budgets, data) for data in images)
+        await asyncio.gather(*jobs, return_exceptions=True)
 
 
 def text_part(text: str) -> dict:
@@ -240,6 +256,7 @@ class LmmStage(Stage):
         items = self.load_items(task)
         ledger = self.ledger(task.dataset)
         kept = {i: found for i, item in enumerate(items) if (found := self.carried(item, ledger)) is not None}
+        await ctx.warm([data for i, item in enumerate(items) if i not in kept for data in item.images])
         asks = {i: self.ask(item, ctx) for i, item in enumerate(items) if i not in kept}
         tasks = [
             asyncio.ensure_future(
@@ -303,12 +320,25 @@ def ask_key(ask: Ask) -> str:
     return digest({**ask.canonical, "seed": ask.request.seed})
 
 
-def media_cache(stage: LmmStage) -> MediaCache:
-    share = stage.lmm.share_disk and stage.build.is_local()
-    return MediaCache(stage.build.local_folder("lmm-images"), stage.lmm.image_max_pixels, share)
+def media_cache(stage: LmmStage, max_pixels: int | None = None) -> MediaCache:
+    """The stage's prepared images (at its own budget unless told), cached on the build's disk where it is local."""
+    folder = stage.build.local_folder("lmm-images") if stage.build.is_local() else None
+    return MediaCache(folder, max_pixels or stage.lmm.image_max_pixels, stage.lmm.share_disk)
 
 
-def stage_context(stage: LmmStage, client: LmmClient, breaker: CircuitBreaker, endpoints: int) -> StageContext:
+def run_budgets(stage: LmmStage) -> list[MediaCache]:
+    """A cache for every pixel budget the run's LMM stages send images at: each stage's own, and Stage 3's smaller
+    one for candidates."""
+    config = stage.config
+    budgets = {lmm.image_max_pixels for s in LMM_SECTIONS if (lmm := config.stage_lmm(s)) is not None}
+    if config.triplets.candidates_as == "images":
+        budgets.add(config.triplets.candidate_max_pixels)
+    return [media_cache(stage, b) for b in sorted(budgets, reverse=True)]
+
+
+def stage_context(
+    stage: LmmStage, client: LmmClient, breaker: CircuitBreaker, endpoints: int, pool: Executor | None = None
+) -> StageContext:
     return StageContext(
         config=stage.config,
         client=client,
@@ -316,6 +346,8 @@ def stage_context(stage: LmmStage, client: LmmClient, breaker: CircuitBreaker, e
         answers=stage.build.answers(stage.name),
         breaker=breaker,
         endpoints=endpoints,
+        budgets=run_budgets(stage),
+        pool=pool,
     )
 
 
@@ -326,15 +358,17 @@ async def run_lmm_shards(
     if not tasks:
         return []
     client = lmm_client(stage.lmm, endpoints)
+    pool = ThreadPoolExecutor(stage.config.workers, thread_name_prefix=f"{stage.name}-images")
     try:
         await client.check()
-        ctx = stage_context(stage, client, breaker, len(endpoints))
+        ctx = stage_context(stage, client, breaker, len(endpoints), pool)
 
         async def one(task: ShardTask) -> ShardMarker:
             return commit(stage, task, await stage.answer_shard(task, ctx))
 
         return await asyncio.gather(*(one(t) for t in tasks))
     finally:
+        pool.shutdown(cancel_futures=True)
         await client.close()
 
 
@@ -350,11 +384,13 @@ def run_lmm_shard(
 
     async def run() -> ShardMarker:
         client = lmm_client(stage.lmm, endpoints, max_in_flight)
+        pool = ThreadPoolExecutor(stage.config.workers, thread_name_prefix=f"{stage.name}-images")
         try:
             await client.check()
-            ctx = stage_context(stage, client, breaker, len(endpoints))
+            ctx = stage_context(stage, client, breaker, len(endpoints), pool)
             return commit(stage, task, await stage.answer_shard(task, ctx))
         finally:
+            pool.shutdown(cancel_futures=True)
             await client.close()
 
     return asyncio.run(run())

@@ -9,7 +9,6 @@ that repeats a candidate or a short text, or stays invalid after the retries is 
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import ClassVar
 
 from fashionmv_builder.core.build import (
@@ -37,7 +36,7 @@ from fashionmv_builder.lmm.harness import (
     text_part,
     words_tokens,
 )
-from fashionmv_builder.lmm.media import MediaCache, PreparedImage
+from fashionmv_builder.lmm.media import MediaCache, PreparedImage, warm
 
 
 def repeated_candidate(answer) -> str | None:
@@ -102,16 +101,16 @@ class SelectStage(LmmStage):
         return found
 
     def _prepare(self, dataset: str, wanted: set[str], media: dict[int, MediaCache]) -> None:
-        """Resize (once, into the content-addressed cache) the views of products not prepared yet."""
+        """Resize (once, into the content-addressed cache) the views of products not prepared yet: every product of
+        a shard one of them is in, so that each shard's image bytes are read once, not once per source that shows
+        one of its products."""
         missing = {pid for pid in wanted if (dataset, pid, min(media)) not in self._prepared}
-        by_shard: dict[int, set[str]] = defaultdict(set)
-        for pid in missing:
-            by_shard[self._shard_of[dataset][pid]].add(pid)
-        for shard, pids in by_shard.items():
-            found = self.build.kept_views(dataset, [shard], products=pids)
-            for pid in pids:
+        for shard in sorted({self._shard_of[dataset][pid] for pid in missing}):
+            for pid, views in self.build.kept_views(dataset, [shard]).items():
+                for view in views:  # every budget from one decode, unless an earlier LMM stage prepared it
+                    warm(list(media.values()), view["bytes"])
                 for budget, cache in media.items():
-                    self._prepared[(dataset, pid, budget)] = [cache.prepare(v["bytes"]) for v in found[pid]]
+                    self._prepared[(dataset, pid, budget)] = [cache.prepare(v["bytes"]) for v in views]
 
     def load_items(self, task: ShardTask) -> list[Item]:
         self._dataset(task.dataset)
