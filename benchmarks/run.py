@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks import bench_dedupe, bench_eval, bench_ingest, bench_learns, bench_lmm, bench_train
+from benchmarks import bench_dedupe, bench_eval, bench_ingest, bench_learns, bench_lmm, bench_mining, bench_train
 
 
 def main() -> None:
@@ -17,6 +17,7 @@ def main() -> None:
     args = parser.parse_args()
     bench_ingest.main(smoke=args.smoke)
     bench_dedupe.main(smoke=args.smoke)
+    bench_mining.main(smoke=args.smoke)
     bench_lmm.main(smoke=args.smoke)
     bench_eval.main(smoke=args.smoke)
     bench_train.main(smoke=args.smoke)
