@@ -7,11 +7,12 @@ a 32-d latent space (centres drawn N(0, 1.5²), members centre + N(0, 1), so nei
 to the path's dimension by a fixed random linear map, plus isotropic noise, normalised onto the unit sphere.
 
 Each (size, path, index) runs `candidates.nearest` in a fresh process, so its peak memory (max RSS) is its own: the
-path's vectors plus the index. Recall@20 is against exact search on 1,000 sampled sources (the source itself left
-out of both lists); exact search's time for the whole split is measured at 10K and, above, extrapolated from the
-time it takes for those sampled sources (brute force is linear in the number of sources). The peer of an approximate
-index is exact search in the same run. Bar: 1M products per split, all three paths, in under 10 minutes on the
-2-core machine with recall@20 >= 0.95.
+path's vectors (and their generation's temporaries) plus the index; "growth" is the peak over the RSS before mining.
+Recall@20 is against exact search on 1,000 sampled sources (the source itself left out of both lists); exact
+search's time for the whole split is measured at 10K and, above, extrapolated from the time it takes for those
+sampled sources (brute force is linear in the number of sources). The peer of an approximate index is exact search
+in the same run. Bar: 1M products per split, all three paths, in under 10 minutes on the 2-core machine with
+recall@20 >= 0.95.
 """
 
 from __future__ import annotations
@@ -88,8 +89,8 @@ def main(smoke: bool = False, sizes: tuple[int, ...] | None = None) -> None:
     sizes = sizes or ((2_000,) if smoke else (10_000, 100_000, 1_000_000))
     print(f"mining: each product's top {TOP_K} in its split, per path (synthetic clustered unit vectors)")
     print(
-        f"  {'N':>9}  {'path':<13} {'dim':>4}  {'index':<5}  {'seconds':>8}  {'peak MB':>8}  {'recall@20':>9}  "
-        f"{'exact s':>9}  speed-up"
+        f"  {'N':>9}  {'path':<13} {'dim':>4}  {'index':<5}  {'seconds':>8}  {'peak MB':>8}  {'growth MB':>9}  "
+        f"{'recall@20':>9}  {'exact s':>9}  speed-up"
     )
     for n in sizes:
         kinds = ("exact", "hnsw", "ivf") if n <= FULL_EXACT_MAX else ("hnsw", "ivf") if n <= 100_000 else ("hnsw",)
@@ -105,7 +106,7 @@ def main(smoke: bool = False, sizes: tuple[int, ...] | None = None) -> None:
                 totals[kind] = totals.get(kind, 0.0) + r["seconds"]
                 print(
                     f"  {n:>9}  {path:<13} {dim:>4}  {kind:<5}  {r['seconds']:8.2f}  {r['peak_mb']:8.0f}  "
-                    f"{r['recall']:9.3f}  {exact_text}  {speed_up:6.1f}x"
+                    f"{r['peak_mb'] - r['base_mb']:9.0f}  {r['recall']:9.3f}  {exact_text}  {speed_up:6.1f}x"
                 )
         summary = ", ".join(f"{kind} {seconds:.1f} s" for kind, seconds in totals.items())
         print(f"  {n:>9}  all three paths: {summary}")
