@@ -94,7 +94,8 @@ def nearest(vectors: np.ndarray, members: np.ndarray, k: int, mining: MiningInde
         index = faiss.IndexHNSWFlat(dim, mining.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efSearch = max(mining.hnsw_ef_search, k)
     else:
-        # faiss's rule of thumb, 4 * sqrt(n) lists, trained on at most 64 vectors per list (a seeded sample)
+        # faiss's rule of thumb, 4 * sqrt(n) lists, each with the 39 training vectors k-means needs at least; trained
+        # on a seeded sample of at most 64 per list
         lists = max(1, min(int(4 * np.sqrt(size)), size // 39))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
         sample = np.random.default_rng(0).choice(size, min(size, 64 * lists), replace=False)
