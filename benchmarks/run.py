@@ -16,6 +16,7 @@ from benchmarks import (
     bench_ingest,
     bench_learns,
     bench_lmm,
+    bench_mining,
     bench_photos,
     bench_train,
 )
@@ -28,6 +29,7 @@ def main() -> None:
     bench_ingest.main(smoke=args.smoke)
     bench_dedupe.main(smoke=args.smoke)
     bench_encoders.main(smoke=args.smoke)
+    bench_mining.main(smoke=args.smoke)
     bench_lmm.main(smoke=args.smoke)
     bench_incremental.main(smoke=args.smoke)
     bench_photos.main(smoke=args.smoke)

@@ -265,6 +265,24 @@ class RefreshSlice(_Strict):
         return int(position * slices) == self.slice % slices
 
 
+class MiningIndexConfig(_Strict):
+    """Stage 3 mining's nearest-neighbour index, per split and retrieval path (issue #18; BENCHMARKS.md measures it).
+
+    `exact` compares every pair (quadratic); `hnsw` and `ivf` are faiss's approximate indexes; `auto` is exact for a
+    split smaller than `exact_below` products and HNSW above, where exact search becomes the slow part of a build.
+    """
+
+    index: Literal["auto", "exact", "hnsw", "ivf"] = "auto"
+    # HNSW overtakes exact search near 17K products (bench_mining, 1280-d path: exact takes 0.5x HNSW's time at 10K,
+    # 9.4x at 100K); below this exact search takes seconds and loses no neighbour
+    exact_below: int = Field(default=20_000, gt=0)
+    hnsw_m: int = Field(default=16, ge=4)  # links per product (twice that on the base layer): 8 * m bytes each
+    # the search beam (at least top_k + 1). 64: recall@20 0.99 at 100K on bench_mining's clusters; on a mixture with
+    # more overlapping clusters 0.93 (128: 0.97, at 1.8x the search time)
+    hnsw_ef_search: int = Field(default=64, gt=0)
+    ivf_nprobe: int = Field(default=16, gt=0)  # inverted lists visited per query (of 4 * sqrt(products))
+
+
 class TripletsConfig(_Strict):
     """Stage 3: split, candidate mining and listwise selection."""
 
@@ -273,6 +291,7 @@ class TripletsConfig(_Strict):
     seed: int = 0
     text_model: str = "all-MiniLM-L6-v2"  # sentence-transformers name or local path; the default ships offline
     top_k: int = Field(default=20, gt=0)  # per retrieval path
+    mining: MiningIndexConfig = MiningIndexConfig()
     candidates_shown: int = Field(default=10, gt=0)
     max_targets: int = Field(default=2, gt=0)
     # 0 lets the model answer "none fits"; 1 makes it always choose (a random-weight model otherwise never does)

@@ -138,7 +138,7 @@ class LmmStage(Stage):
         return {
             "prompt_sha": hashlib.sha256(self.prompt.text.encode()).hexdigest(),
             # its own lmm section: only the fields that change answers count, and they are in "lmm" below
-            "settings": self.section.model_dump(mode="json", exclude={"lmm", "refresh"}),
+            "settings": self.section.model_dump(mode="json", exclude={"lmm", "refresh", "mining"}),
             "lmm": lmm.model_dump(
                 mode="json",
                 include={"model", "model_revision", "words", "temperature", "retry_temperature", "seed"}

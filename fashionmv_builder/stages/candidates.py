@@ -8,7 +8,8 @@ with no candidate at all: `no_candidates`).
 Mining follows FashionMV: three retrieval paths (image, long caption, short caption), exact inner-product search per
 path with faiss, top-k each, union, minus the source itself and its dedupe cluster (optionally restricted to the
 same category and gender), then a seeded random sample of the shown candidates. Everything happens inside one split,
-so no triplet can cross splits.
+so no triplet can cross splits. Above a split size (`triplets.mining`) the search is approximate (faiss HNSW): exact
+search grows as the square of the split and would take hours at a million products (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from fashionmv_builder.core.build import CANDIDATES, CAPTIONS, DEDUPE_PRODUCTS, EMBEDDINGS, SPLIT_PRODUCTS, Build
-from fashionmv_builder.core.config import RunConfig, digest
+from fashionmv_builder.core.config import MiningIndexConfig, RunConfig, digest
 from fashionmv_builder.core.ledger import Reject
 from fashionmv_builder.core.stage import DatasetPlan, ShardOutput, ShardTask, Stage, Work
 from fashionmv_builder.data_schema import tables
@@ -89,6 +90,43 @@ def load_pool(build: Build, config: RunConfig, dataset: str) -> Pool:
     return Pool(rows, as_array(image), as_array(long), as_array(short))
 
 
+# Products added to or searched in an index at a time: a split's vectors are not copied whole (1M x 1280 float32
+# is 5 GB) besides the pool's and the index's own.
+CHUNK = 65_536
+
+
+def index_kind(size: int, mining: MiningIndexConfig) -> str:
+    """The index a split of `size` products is mined with."""
+    if mining.index != "auto":
+        return mining.index
+    return "exact" if size < mining.exact_below else "hnsw"
+
+
+def nearest(vectors: np.ndarray, members: np.ndarray, k: int, mining: MiningIndexConfig) -> np.ndarray:
+    """Each member's k nearest members by inner product, as positions into `members` (-1 where fewer were found)."""
+    dim, size = vectors.shape[1], len(members)
+    kind = index_kind(size, mining)
+    if kind == "exact":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, mining.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = max(mining.hnsw_ef_search, k)
+    else:
+        # faiss's rule of thumb, 4 * sqrt(n) lists, each with the 39 training vectors k-means needs at least; trained
+        # on a seeded sample of at most 64 per list
+        lists = max(1, min(int(4 * np.sqrt(size)), size // 39))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
+        sample = np.random.default_rng(0).choice(size, min(size, 64 * lists), replace=False)
+        index.train(np.ascontiguousarray(vectors[members[np.sort(sample)]]))
+        index.nprobe = min(mining.ivf_nprobe, lists)
+    for start in range(0, size, CHUNK):
+        index.add(np.ascontiguousarray(vectors[members[start : start + CHUNK]]))
+    found = np.empty((size, k), dtype=np.int64)
+    for start in range(0, size, CHUNK):
+        found[start : start + CHUNK] = index.search(np.ascontiguousarray(vectors[members[start : start + CHUNK]]), k)[1]
+    return found
+
+
 def mine(pool: Pool, split: str, config: RunConfig) -> dict[str, tuple[list[str], list[str]]]:
     """Each source of the split → (shown candidates in shown order, the union they were sampled from)."""
     t = config.triplets
@@ -96,18 +134,16 @@ def mine(pool: Pool, split: str, config: RunConfig) -> dict[str, tuple[list[str]
     if len(members) < 2:
         return {pool.rows[i]["product_id"]: ([], []) for i in members}
     k = min(t.top_k + 1, len(members))  # +1: the source finds itself
-    neighbours = []
-    for vectors in (pool.image, pool.long, pool.short):
-        sub = np.ascontiguousarray(vectors[members])
-        index = faiss.IndexFlatIP(sub.shape[1])
-        index.add(sub)
-        neighbours.append(index.search(sub, k)[1])
+    positions = np.asarray(members)
+    neighbours = [nearest(vectors, positions, k, t.mining) for vectors in (pool.image, pool.long, pool.short)]
     result = {}
     for row_pos, i in enumerate(members):
         source = pool.rows[i]
         union: list[str] = []
         for found in neighbours:
             for j in found[row_pos]:
+                if j < 0:  # an approximate index found fewer than k
+                    continue
                 other = pool.rows[members[j]]
                 if other["product_id"] == source["product_id"] or other["cluster_id"] == source["cluster_id"]:
                     continue
