@@ -361,6 +361,18 @@ def test_the_discriminability_check_keeps_true_triplets_and_rejects_a_planted_wr
     negatives = {(n["triplet_id"], n["negative_id"]) for n in planted.rows(HARD_NEGATIVES, dataset)}
     assert all((r["triplet_id"], victim["target_id"]) in negatives for r in siblings)
 
+    # A run killed after the check's answers came back but before its shards were committed (their markers gone)
+    # resumes without asking again: the answers are replayed from the store, the same triplets come out.
+    before = {r["triplet_id"] for r in planted.rows(TRIPLETS, dataset)}
+    store = planted.store(TRIPLETS.stage, dataset)
+    for marker in store.markers():
+        store.fs.rm_file(store.marker_path(marker.shard))
+    asked = answerer.requests["discriminate"]
+    [report] = run_local(planted_config, [TRIPLETS.stage], [dataset])[TRIPLETS.stage]
+    assert answerer.requests["discriminate"] == asked
+    assert report.run["counts"]["answers_replayed"] > 0 and report.run["counts"]["requests_sent"] == 0
+    assert {r["triplet_id"] for r in planted.rows(TRIPLETS, dataset)} == before
+
 
 # -- outputs ----------------------------------------------------------------------------------------------------
 

@@ -211,12 +211,13 @@ class DiscriminateStage(SelectStage):
         }
 
     def carried(self, item: Item, ledger: ShardLedger) -> dict[str, list[dict]] | Reject | None:
-        """A triplet that passed the check in an earlier run, from the same selection answer (same request key, so
-        the same texts), keeps its verdict when its candidates only lost products withdrawn since: no request.
+        """A triplet that passed the check in an earlier run, from the same selection answer with the same texts,
+        keeps its verdict when its candidates only lost products withdrawn since: no request.
         (A triplet that failed it is asked again: its reject row does not record which selection answer it judged.)"""
         t = item.product
         before = self._earlier[t["dataset"]].get(t["triplet_id"])
-        if before is None or before["request_sha256"] != t["request_sha256"]:
+        same_texts = ("request_sha256", "modification_texts_short", "modification_text_short")
+        if before is None or any(before[k] != t[k] for k in same_texts):
             return None
         if not set(t["candidate_ids"]) <= set(before["candidate_ids"]):
             return None
