@@ -14,7 +14,14 @@ from fashionmv_builder.core.shards import ShardStore
 from fashionmv_builder.pipeline import run_local
 from fashionmv_builder.stages.dedupe import neardup
 from fashionmv_builder.stages.dedupe import stage as dedupe
-from fashionmv_builder.stages.dedupe.neardup import UnionFind, group_pairs, near_pairs, thumb_distance, thumbnail
+from fashionmv_builder.stages.dedupe.neardup import (
+    UnionFind,
+    group_pairs,
+    matching,
+    near_pairs,
+    thumb_distance,
+    thumbnail,
+)
 from fashionmv_builder.stages.dedupe.stage import Catalogue, Decisions, category_rejects, view_count_rules
 
 # ---------------------------------------------------------------------------------------------------------
@@ -71,9 +78,9 @@ def test_union_find_merges_chains():
 
 def test_one_to_one_matching_counts_each_view_once():
     # views 1 and 2 of one product both match view 10 of the other: one pair, not two
-    assert dedupe._match_count([(1, 10), (2, 10)]) == 1
+    assert matching([(1, 10), (2, 10)]) == {10: 1}
     # an augmenting path finds the full matching greedy order would miss
-    assert dedupe._match_count([(1, 10), (1, 11), (2, 10)]) == 2
+    assert matching([(1, 10), (1, 11), (2, 10)]) == {10: 2, 11: 1}
 
 
 def _jpeg(img: Image.Image, quality: int = 90) -> bytes:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -52,6 +53,17 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
+def _datasets_with_triplets(
+    config: RunConfig, build: Build, datasets: list[str] | None, drop_redundant: Redundancy | None
+) -> Iterator[tuple[str, list[dict]]]:
+    """Each dataset of the build to export (all, or only `datasets`) that has triplets, with them."""
+    for source in config.sources:
+        if datasets and source.dataset not in datasets:
+            continue
+        if rows := triplet_rows(build, source.dataset, drop_redundant):
+            yield source.dataset, rows
+
+
 def export_fashionmv(
     config: RunConfig, out: Path, datasets: list[str] | None = None, drop_redundant: Redundancy | None = None
 ) -> dict[str, int]:
@@ -61,13 +73,7 @@ def export_fashionmv(
     captions: dict[str, list[dict]] = {s: [] for s in SPLITS}
     images_written = 0
     build = Build(config.output_dir)
-    for source in config.sources:
-        dataset = source.dataset
-        if datasets and dataset not in datasets:
-            continue
-        rows = triplet_rows(build, dataset, drop_redundant)
-        if not rows:
-            continue
+    for dataset, rows in _datasets_with_triplets(config, build, datasets, drop_redundant):
         in_split: dict[str, set[str]] = defaultdict(set)
         for r in rows:
             record = {
@@ -109,13 +115,7 @@ def export_megapairs(
     records: dict[str, list[dict]] = {s: [] for s in SPLITS}
     images_written = 0
     build = Build(config.output_dir)
-    for source in config.sources:
-        dataset = source.dataset
-        if datasets and dataset not in datasets:
-            continue
-        rows = triplet_rows(build, dataset, drop_redundant)
-        if not rows:
-            continue
+    for dataset, rows in _datasets_with_triplets(config, build, datasets, drop_redundant):
         negatives: dict[str, list[dict]] = defaultdict(list)
         for n in build.rows(HARD_NEGATIVES, dataset):
             negatives[n["triplet_id"]].append(n)

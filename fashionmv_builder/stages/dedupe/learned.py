@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from fashionmv_builder.core.config import DedupeConfig
-from fashionmv_builder.stages.dedupe.neardup import THUMB_SIDE, UnionFind, thumb_distance
+from fashionmv_builder.stages.dedupe.neardup import THUMB_SIDE, UnionFind, matching, thumb_distance
 
 CROPS = (0.015, 0.03, 0.045, 0.06)  # central crops per edge tried by the crop-tolerant check
 MAX_GROUP = 50  # a source group larger than this is not paired all-to-all (a catch-all group key)
@@ -67,27 +67,6 @@ class CropThumbnails:
                 thumb_distance(self.cache[(a, 0.0)], self.cache[(b, crop)]),
             )
         return best
-
-
-def matching(pairs: list[tuple[int, int]]) -> dict[int, int]:
-    """A maximum one-to-one matching of view pairs (augmenting paths): right view → left view."""
-    edges: dict[int, list[int]] = defaultdict(list)
-    for a, b in pairs:
-        edges[a].append(b)
-    partner: dict[int, int] = {}
-
-    def augment(a: int, seen: set[int]) -> bool:
-        for b in edges[a]:
-            if b not in seen:
-                seen.add(b)
-                if b not in partner or augment(partner[b], seen):
-                    partner[b] = a
-                    return True
-        return False
-
-    for a in list(edges):
-        augment(a, set())
-    return partner
 
 
 def vectors_by_content(

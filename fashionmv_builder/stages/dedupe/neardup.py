@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import itertools
 import math
+from collections import defaultdict
 from collections.abc import Iterator
 
 import faiss
@@ -228,3 +229,24 @@ def thumb_distance(a: np.ndarray, b: np.ndarray) -> float:
     diff = np.maximum(_nearest_difference(a, b), _nearest_difference(b, a))
     n = THUMB_SIDE // _BLOCK
     return float(diff.reshape(n, _BLOCK, n, _BLOCK).mean(axis=(1, 3)).max())
+
+
+def matching(pairs: list[tuple[int, int]]) -> dict[int, int]:
+    """A maximum one-to-one matching of view pairs (augmenting paths): right view → left view."""
+    edges: dict[int, list[int]] = defaultdict(list)
+    for a, b in pairs:
+        edges[a].append(b)
+    partner: dict[int, int] = {}
+
+    def augment(a: int, seen: set[int]) -> bool:
+        for b in edges[a]:
+            if b not in seen:
+                seen.add(b)
+                if b not in partner or augment(partner[b], seen):
+                    partner[b] = a
+                    return True
+        return False
+
+    for a in list(edges):
+        augment(a, set())
+    return partner

@@ -54,7 +54,14 @@ from fashionmv_builder.core.stage import ShardOutput, ShardTask, Stage, Work
 from fashionmv_builder.data_schema import tables
 from fashionmv_builder.data_schema.reasons import RejectReason
 from fashionmv_builder.stages.dedupe.learned import group_candidates, learned_pairs, merge, vectors_by_content
-from fashionmv_builder.stages.dedupe.neardup import UnionFind, group_pairs, near_pairs, thumb_distance, thumbnail
+from fashionmv_builder.stages.dedupe.neardup import (
+    UnionFind,
+    group_pairs,
+    matching,
+    near_pairs,
+    thumb_distance,
+    thumbnail,
+)
 
 _PRODUCT_COLUMNS = ["product_id", "group_key", "split", "category"]
 _VIEW_COLUMNS = ["product_id", "view_index", "file_name", "view", "width", "height", "phash", "dhash"]
@@ -220,25 +227,6 @@ def within_duplicates(catalogue: Catalogue, config: DedupeConfig, thumbs: Thumbn
                 decisions.view_rejects[v] = Reject(RejectReason.DUPLICATE_VIEW, detail, name)
 
 
-def _match_count(pairs: list[tuple[int, int]]) -> int:
-    """Size of a maximum one-to-one matching of the view pairs (augmenting paths; a product has a few views)."""
-    edges: dict[int, list[int]] = defaultdict(list)
-    for a, b in pairs:
-        edges[a].append(b)
-    partner: dict[int, int] = {}
-
-    def augment(a: int, seen: set[int]) -> bool:
-        for b in edges[a]:
-            if b not in seen:
-                seen.add(b)
-                if b not in partner or augment(partner[b], seen):
-                    partner[b] = a
-                    return True
-        return False
-
-    return sum(augment(a, set()) for a in list(edges))
-
-
 def _needed(n_a: int, n_b: int, config: DedupeConfig) -> int:
     return max(config.min_matched_views, int(np.ceil(config.min_matched_fraction * min(n_a, n_b) - 1e-9)))
 
@@ -285,7 +273,7 @@ def cross_duplicates(
     duplicates = 0
     for (pa_, pb), vp in sorted(hopeful.items()):
         confirmed = [(a, b) for a, b in vp if thumbs.distance(a, b) <= config.verify_max_difference]
-        if _match_count(confirmed) >= _needed(n_views[pa_], n_views[pb], config):
+        if len(matching(confirmed)) >= _needed(n_views[pa_], n_views[pb], config):
             sets.union(pa_, pb)
             duplicates += 1
     if vectors is not None and config.learned:
