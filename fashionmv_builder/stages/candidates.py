@@ -62,32 +62,37 @@ def load_pool(build: Build, config: RunConfig, dataset: str) -> Pool:
     dedupe = {r["product_id"]: r for r in build.rows(DEDUPE_PRODUCTS, dataset)}
     caption_columns = ["product_id", "category", "gender", "long_caption", "short_caption", "request_sha256"]
     captions = {r["product_id"]: r for r in build.rows(CAPTIONS, dataset, caption_columns)}
-    rows, image, long, short = [], [], [], []
+    rows: list[dict] = []
+    paths: dict[str, list[np.ndarray]] = {"image": [], "long_caption": [], "short_caption": []}
     for marker in build.markers(EMBEDDINGS, dataset):
-        for e in build.read_shard(EMBEDDINGS, dataset, marker.shard).to_pylist():
-            d = dedupe[e["product_id"]]
+        shard = build.read_shard(EMBEDDINGS, dataset, marker.shard)
+        for pid in shard.column("product_id").to_pylist():
+            d = dedupe[pid]
             rows.append(
                 {
-                    "product_id": e["product_id"],
+                    "product_id": pid,
                     "split": split_of(d["group_key"], d["split"], t.val_ratio, t.seed),
                     "group_key": d["group_key"],
                     "cluster_id": d["cluster_id"],
-                    "category": captions[e["product_id"]]["category"],
-                    "gender": captions[e["product_id"]]["gender"],
+                    "category": captions[pid]["category"],
+                    "gender": captions[pid]["gender"],
                     "shard": marker.shard,
-                    "digest": product_digest(captions[e["product_id"]]),
+                    "digest": product_digest(captions[pid]),
                 }
             )
-            image.append(e["image"])
-            long.append(e["long_caption"])
-            short.append(e["short_caption"])
+        for name, parts in paths.items():
+            if shard.num_rows:
+                parts.append(vector_matrix(shard.column(name)))
+    if not rows:  # every product was removed upstream: nothing to mine
+        return Pool(rows, *(np.zeros((0, 1), dtype=np.float32) for _ in paths))
+    return Pool(rows, *(np.concatenate(parts) for parts in paths.values()))
 
-    def as_array(vectors: list) -> np.ndarray:
-        if not rows:  # every product was removed upstream: nothing to mine
-            return np.zeros((0, 1), dtype=np.float32)
-        return np.asarray(vectors, dtype=np.float32).reshape(len(rows), -1)
 
-    return Pool(rows, as_array(image), as_array(long), as_array(short))
+def vector_matrix(column: pa.ChunkedArray) -> np.ndarray:
+    """A list<float32> column as an (n, d) float32 array, straight from Arrow's buffers: as Python lists, 1M products'
+    1280-d image vectors alone would take tens of GB."""
+    flat = pa.concat_arrays([chunk.flatten() for chunk in column.chunks])
+    return flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(column), -1)
 
 
 # Products added to or searched in an index at a time: a split's vectors are not copied whole (1M x 1280 float32
