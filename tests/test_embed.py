@@ -170,3 +170,42 @@ def test_endpoint_backend_against_a_real_vllm_embedding_server(tmp_path):
         assert encoder.identity == {"encoder": "endpoint", "revision": "r1", "model": "tiny-clip"}
     finally:
         server.stop()
+
+
+def test_transformers_backend_runs_a_clip_image_tower_and_a_dinov2_backbone(tmp_path):
+    """The `transformers` backend on two tiny random-weight models built here, one of each kind it handles: a CLIP
+    (projected image features) and a DINOv2 backbone (pooled output), each through its own image processor."""
+    import torch
+    from transformers import (
+        BitImageProcessor,
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        Dinov2Config,
+        Dinov2Model,
+    )
+
+    torch.manual_seed(0)
+    small = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+    clip, dino = tmp_path / "tiny-clip", tmp_path / "tiny-dinov2"
+    vision = {**small, "image_size": 32, "patch_size": 8}
+    CLIPModel(CLIPConfig(text_config=small, vision_config=vision, projection_dim=24)).save_pretrained(clip)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip)
+    Dinov2Model(Dinov2Config(**small, image_size=28, patch_size=14)).save_pretrained(dino)
+    BitImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(dino)
+
+    flower, china = (SKLEARN_IMAGES / "flower.jpg").read_bytes(), (SKLEARN_IMAGES / "china.jpg").read_bytes()
+    for model, dim in ((clip, 24), (dino, 32)):
+        encoder = image_encoder(ImageEncoderConfig(backend="transformers", model=str(model), batch_size=2), threads=2)
+        vectors = encoder.encode([flower, china, flower])
+        assert vectors.shape == (3, dim) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+        assert np.allclose(vectors[0], vectors[2], atol=1e-5) and not np.allclose(vectors[0], vectors[1], atol=1e-3)
+        assert encoder.identity == {"encoder": "transformers", "revision": "", "model": str(model)}
+    with pytest.raises(ConfigError, match="transformers backend needs model"):
+        validate_config(
+            {
+                "output_dir": "/tmp/x",
+                "sources": [{"kind": "folder", "dataset": "d", "root": "."}],
+                "embed": {"image": {"backend": "transformers"}},
+            }
+        )

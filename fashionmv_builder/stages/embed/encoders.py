@@ -133,6 +133,58 @@ class EfficientNetLite0Encoder(ImageEncoder):
         return unit(np.concatenate(out)) if out else np.zeros((0, 1280), dtype=np.float32)
 
 
+class TransformersEncoder(ImageEncoder):
+    """A Hugging Face image model by local path or Hub name (offline here: a local folder): a CLIP or SigLIP model's
+    projected image features (`get_image_features`), or the pooled output of a vision backbone such as DINOv2 or ViT;
+    its own image processor (the PIL one: torchvision's PyPI build does not load beside torch+cpu here)."""
+
+    name = "transformers"
+
+    def __init__(
+        self, model: str, revision: str = "", batch_size: int = 32, device: str = "auto", threads: int = 0
+    ) -> None:
+        import torch
+        from transformers import AutoImageProcessor, AutoModel
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.model_name = model
+        self.revision = revision
+        self.batch_size = batch_size
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        options = {"revision": revision} if revision else {}
+        self.processor = AutoImageProcessor.from_pretrained(model, backend="pil", **options)
+        self.model = AutoModel.from_pretrained(model, **options).eval().to(self.device)
+
+    @property
+    def identity(self) -> dict:
+        return {**super().identity, "model": self.model_name}
+
+    def _features(self, pixels):  # -> torch.Tensor
+        if hasattr(self.model, "get_image_features"):  # CLIP, SigLIP: the image tower's projected embedding
+            out = self.model.get_image_features(pixel_values=pixels)
+            return out if not hasattr(out, "pooler_output") else out.pooler_output
+        out = self.model(pixel_values=pixels)  # a backbone: its pooled output, else the first (class) token
+        return out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state[:, 0]
+
+    def encode(self, images: list[bytes]) -> np.ndarray:
+        import torch
+
+        out = []
+        on_gpu = self.device.type == "cuda"
+        for start in range(0, len(images), self.batch_size):
+            batch = []
+            for data in images[start : start + self.batch_size]:
+                with Image.open(io.BytesIO(data)) as img:
+                    batch.append(img.convert("RGB"))
+            pixels = self.processor(images=batch, return_tensors="pt")["pixel_values"].to(self.device)
+            with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=on_gpu):
+                out.append(self._features(pixels).float().cpu().numpy())
+        return unit(np.concatenate(out)) if out else np.zeros((0, 1), dtype=np.float32)
+
+
 class EndpointEncoder(ImageEncoder):
     """An OpenAI-compatible embeddings server; vLLM takes an image through chat-style `messages` on
     `/v1/embeddings` (its multimodal embedding API), the official client passes them as extra body fields."""
@@ -184,4 +236,7 @@ def image_encoder(config: ImageEncoderConfig, threads: int = 0) -> ImageEncoder:
     if config.backend == "endpoint":
         assert config.endpoint is not None and config.model is not None  # the config validates both
         return EndpointEncoder(config.endpoint, config.model, config.revision, config.api_key_env)
+    if config.backend == "transformers":
+        assert config.model is not None  # the config validates it
+        return TransformersEncoder(config.model, config.revision, config.batch_size, config.device, threads)
     return EfficientNetLite0Encoder(config.image_size, config.batch_size, config.device, threads)
