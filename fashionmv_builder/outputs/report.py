@@ -393,7 +393,8 @@ def to_markdown(report: dict) -> str:
             lines += ["", f"**{m['note']}**"]
         lines.append("")
     if rows := run_rows(report.get("runs", [])):
-        lines += ["## Recent runs", "", "| " + " | ".join(RUN_HEADER) + " |", "|---|---|---|" + "---:|" * 4]
+        align = "|---|---|---|" + "---:|" * (len(RUN_HEADER) - 3)
+        lines += ["## Recent runs", "", "| " + " | ".join(RUN_HEADER) + " |", align]
         lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
         lines.append("")
     lines += [
