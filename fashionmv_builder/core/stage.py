@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -128,6 +129,19 @@ class Stage(ABC):
             t
             for t in tasks
             if not self.build.is_complete(self.name, t.dataset, t.shard, self.config_hash(t.dataset), t.fingerprint)
+        ]
+
+    def earlier_rows(self, dataset: str, table: str, shards: Iterable[int] | None = None) -> list[dict]:
+        """The rows of one of its tables this stage wrote with its current settings (all shards, or the given ones):
+        what an incremental run keeps instead of redoing. Read before this run writes the shards."""
+        store = self.build.store(self.name, dataset)
+        current = self.config_hash(dataset)
+        markers = store.markers() if shards is None else [m for s in shards if (m := store.read_marker(s))]
+        return [
+            row
+            for marker in markers
+            if marker.config_hash == current
+            for row in store.read_part(marker, table).to_pylist()  # type: ignore[union-attr]
         ]
 
     def prepare(self, dataset: str, todo: list[ShardTask]) -> tuple[list[ShardTask], dict]:

@@ -189,14 +189,7 @@ class CandidatesStage(Stage):
     def earlier(self, dataset: str) -> dict[str, dict]:
         """The candidates rows this stage wrote with the same settings, by source: kept unless the run refreshes
         them or the source changed."""
-        store = self.build.store(self.name, dataset)
-        current = self.config_hash(dataset)
-        return {
-            row["product_id"]: row
-            for marker in store.markers()
-            if marker.config_hash == current
-            for row in store.read_part(marker, CANDIDATES.table).to_pylist()
-        }
+        return {row["product_id"]: row for row in self.earlier_rows(dataset, CANDIDATES.table)}
 
     def prepare(self, dataset: str, todo: list[ShardTask]) -> tuple[list[ShardTask], dict]:
         """Mine new, changed and refreshed sources over the whole split; keep the rest's earlier candidates (less

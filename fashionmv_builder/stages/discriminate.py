@@ -201,14 +201,7 @@ class DiscriminateStage(SelectStage):
 
     def earlier_outcomes(self, dataset: str) -> dict[str, dict]:  # type: ignore[override]
         """The triplets this stage kept with the same settings, by triplet id (an incremental build)."""
-        store = self.build.store(self.name, dataset)
-        current = self.config_hash(dataset)
-        return {
-            row["triplet_id"]: row
-            for marker in store.markers()
-            if marker.config_hash == current
-            for row in store.read_part(marker, TRIPLETS.table).to_pylist()
-        }
+        return {row["triplet_id"]: row for row in self.earlier_rows(dataset, TRIPLETS.table)}
 
     def carried(self, item: Item, ledger: ShardLedger) -> dict[str, list[dict]] | Reject | None:
         """A triplet that passed the check in an earlier run, from the same selection answer with the same texts,

@@ -18,6 +18,7 @@ from fashionmv_builder.core.build import (
     INGEST_IMAGES,
     SELECTED_NEGATIVES,
     SELECTED_TRIPLETS,
+    rejects,
 )
 from fashionmv_builder.core.config import RunConfig
 from fashionmv_builder.core.ledger import Reject, ShardLedger
@@ -88,16 +89,13 @@ class SelectStage(LmmStage):
     def earlier_outcomes(self, dataset: str) -> dict[str, dict[str, list[dict]] | Reject]:
         """What this stage wrote for each source with the same settings: its triplets and hard negatives, or its
         reject. Read before any shard of this run is written."""
-        store = self.build.store(self.name, dataset)
-        current = self.config_hash(dataset)
         found: dict[str, dict[str, list[dict]] | Reject] = {}
-        for marker in (m for m in store.markers() if m.config_hash == current):
-            for name in self.writes:
-                for row in store.read_part(marker, name).to_pylist():
-                    found.setdefault(row["source_id"], {n: [] for n in self.writes})[name].append(row)  # type: ignore[index]
-            for row in store.read_part(marker, "rejects").to_pylist():
-                if row["level"] == RejectLevel.PRODUCT:
-                    found[row["product_id"]] = Reject(RejectReason(row["reason"]), row["detail"])
+        for name in self.writes:
+            for row in self.earlier_rows(dataset, name):
+                found.setdefault(row["source_id"], {n: [] for n in self.writes})[name].append(row)  # type: ignore[index]
+        for row in self.earlier_rows(dataset, rejects(self.name).table):
+            if row["level"] == RejectLevel.PRODUCT:
+                found[row["product_id"]] = Reject(RejectReason(row["reason"]), row["detail"])
         return found
 
     def _prepare(self, dataset: str, wanted: set[str], media: dict[int, MediaCache]) -> None:

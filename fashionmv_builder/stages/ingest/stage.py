@@ -174,15 +174,11 @@ class IngestStage(Stage):
         """The image rows this shard holds from an earlier run with the same settings, by product, file name and
         change stamp: a view whose file has the same stamp is not read and decoded again (a shard redone because a
         product was added to it or withdrawn from it)."""
-        store = self.build.store(self.name, task.dataset)
-        marker = store.read_marker(task.shard)
-        if marker is None or marker.config_hash != self.config_hash(task.dataset):
-            return {}
         try:
-            rows = store.read_part(marker, INGEST_IMAGES.table)
+            rows = self.earlier_rows(task.dataset, INGEST_IMAGES.table, [task.shard])
         except OSError:  # damaged: read the sources again
             return {}
-        return {(r["product_id"], r["file_name"], r["source_stamp"]): r for r in rows.to_pylist() if r["source_stamp"]}
+        return {(r["product_id"], r["file_name"], r["source_stamp"]): r for r in rows if r["source_stamp"]}
 
     def _read_views(
         self, product: RawProduct, fetched: dict[RawView, bytes | Reject | dict], ledger: ShardLedger
