@@ -30,6 +30,7 @@ from fashionmv_builder.core.build import (
     DEDUPE_PRODUCTS,
     EMBEDDINGS,
     HARD_NEGATIVES,
+    INGEST_PRODUCTS,
     SPLIT_PRODUCTS,
     TRIPLETS,
     VERDICTS,
@@ -259,7 +260,7 @@ def run_rows(runs: list[dict]) -> list[list[object]]:
     rows: list[list[object]] = []
     for run in runs:
         stages = run.get("stages", {})
-        for dataset, ingest in stages.get("ingest", {}).items():
+        for dataset, ingest in stages.get(INGEST_PRODUCTS.stage, {}).items():
             change = ingest.get("change", {})
             rewritten = sum(s.get(dataset, {}).get("shards_rewritten", 0) for s in stages.values())
             row: list[object] = [
