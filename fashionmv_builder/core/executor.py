@@ -203,37 +203,18 @@ class LocalRunner(Runner):
 def die_with_parent() -> None:
     """Set up a worker process: killed when the process that started it dies (kill -9, a crash), since a worker with
     no owner would go on writing shards nobody accounts for and hold its memory forever (Linux's parent-death
-    signal; elsewhere nothing), and stopped at once by Ctrl-C or SIGTERM (`_stop_worker`). A shard cut short leaves
-    no marker, so it never passes as complete."""
-    signal.signal(signal.SIGINT, _stop_worker)
-    signal.signal(signal.SIGTERM, _stop_worker)
+    signal; elsewhere nothing). A shard cut short leaves no marker, so it never passes as complete.
+
+    Ctrl-C is the parent's to act on: it reaches the whole process group, and a worker killed by it while waiting for
+    its next shard dies holding the pool's queue lock, which the parent's clean-up then waits for forever (measured:
+    with the default action in the workers, a run stopped by Ctrl-C hung whenever a worker was idle). The parent's
+    clean-up stops the workers with SIGTERM, whose default action they keep, once it holds that lock."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() == 1:  # the parent died before the signal was armed
             os._exit(1)
-
-
-_shard_running = False  # in a worker: whether it is inside a shard now
-
-
-def _stop_worker(signum: int, frame: object) -> None:
-    """A worker inside a shard stops dead: taking the signal for a task's exception would let it go on with the next
-    shard, and unwinding would wait for its download threads. An idle worker unwinds instead: it waits for its next
-    shard holding the pool's queue lock, and dying with it would hang the parent, whose clean-up takes that lock
-    (measured: Ctrl-C to the whole group, with the signal's default action in the workers, hung the run whenever a
-    worker was idle)."""
-    if _shard_running:
-        os._exit(128 + signum)
-    raise SystemExit(128 + signum)
-
-
-def _execute_in_worker(stage: Stage, task: ShardTask) -> ShardMarker:
-    global _shard_running
-    _shard_running = True
-    try:
-        return execute_shard(stage, task)
-    finally:
-        _shard_running = False
 
 
 _PR_SET_PDEATHSIG = 1
@@ -252,7 +233,7 @@ def run_in_processes(stage: Stage, tasks: Sequence[ShardTask], workers: int) -> 
         # forked from a process that has run torch (OpenMP) crashes in libgomp as soon as it runs torch itself.
         context = multiprocessing.get_context("spawn")
         with context.Pool(min(workers, len(tasks)), initializer=die_with_parent) as pool:
-            results = pool.imap_unordered(functools.partial(_execute_in_worker, stage), tasks)
+            results = pool.imap_unordered(functools.partial(execute_shard, stage), tasks)
             seen = set(pool._pool)  # type: ignore[attr-defined]  # see _next_or_dead
             for _ in tasks:
                 _next_or_dead(stage, pool, results, seen)
