@@ -4,12 +4,17 @@ One model per call serves twice: its JSON schema goes to vLLM as `response_forma
 enforces every bound (word counts as regex patterns, `maxLength`, `maxItems`, enums), and the same model validates
 the answer that comes back. Even a random-weight model then answers in the right shape. Word bounds live in the
 config, so a run can trade caption length for tokens; they are part of the schema and so of every request's key.
+
+The models and their schemas are built once per set of arguments (`cache`): building them per item took about a fifth of
+the caption stage's CPU time once its views were prepared (bench_photos profile, BENCHMARKS.md). Treat a returned
+schema as read-only: every request of the same shape shares it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from functools import cache
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
@@ -44,6 +49,7 @@ class WordBounds(BaseModel):
     modification_long: tuple[int, int] = (64, 128)
 
 
+@cache
 def caption_answer(bounds: WordBounds, n_views: int) -> type[_Answer]:
     """One caption per image, in image order: item k describes [Image k], so the schema fixes the count."""
     view = create_model(
@@ -65,6 +71,7 @@ def caption_answer(bounds: WordBounds, n_views: int) -> type[_Answer]:
     )
 
 
+@cache
 def verdict_answer(bounds: WordBounds) -> type[_Answer]:
     return create_model(
         "VerdictAnswer",
@@ -75,10 +82,12 @@ def verdict_answer(bounds: WordBounds) -> type[_Answer]:
     )
 
 
+@cache
 def schema_of(model: type[BaseModel]) -> dict:
     return model.model_json_schema()
 
 
+@cache
 def schema_digest(model: type[BaseModel]) -> str:
     return hashlib.sha256(json.dumps(schema_of(model), sort_keys=True).encode()).hexdigest()[:16]
 
@@ -86,6 +95,7 @@ def schema_digest(model: type[BaseModel]) -> str:
 VIEWS_INVOLVED = ("front", "back", "side", "detail", "full")
 
 
+@cache
 def selection_answer(
     bounds: WordBounds,
     n_candidates: int,
@@ -112,6 +122,7 @@ def selection_answer(
     return create_model("SelectionAnswer", __base__=_Answer, choices=(list[choice], count))
 
 
+@cache
 def discrimination_answer(n_candidates: int) -> type[_Answer]:
     """The one candidate (1..n) a modification text describes."""
     return create_model(
