@@ -254,9 +254,16 @@ def _living(group: int) -> list[int]:
     return pids
 
 
+# Started as a terminal starts a foreground command, with Ctrl-C's default action, whatever started the suite: a
+# non-interactive shell's background job (as a CI runner may be) ignores SIGINT, and its children inherit that.
+_WITH_CTRL_C = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
 def _start_ingest(folder: Path) -> subprocess.Popen:
     run = subprocess.Popen(
-        [FASHIONMV, "ingest", "run.yaml"],
+        [sys.executable, "-c", _WITH_CTRL_C, FASHIONMV, "ingest", "run.yaml"],
         cwd=folder,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
