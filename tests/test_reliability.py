@@ -254,6 +254,14 @@ def _living(group: int) -> list[int]:
     return pids
 
 
+def _still_living_after(group: int, seconds: float) -> list[int]:
+    """The group's processes still alive once `seconds` have passed (returns as soon as none is)."""
+    deadline = time.monotonic() + seconds
+    while _living(group) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return _living(group)
+
+
 # Started as a terminal starts a foreground command, with Ctrl-C's default action, whatever started the suite: a
 # non-interactive shell's background job (as a CI runner may be) ignores SIGINT, and its children inherit that.
 _WITH_CTRL_C = (
@@ -283,10 +291,7 @@ def test_workers_die_with_a_killed_parent(slow_manifest):
     run = _start_ingest(slow_manifest)
     os.kill(run.pid, signal.SIGKILL)  # only the parent, as an OOM killer would
     run.wait(timeout=10)
-    deadline = time.monotonic() + 5
-    while _living(run.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _living(run.pid) == []
+    assert _still_living_after(run.pid, seconds=5) == []
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -297,10 +302,7 @@ def test_ctrl_c_or_sigterm_stop_within_seconds_leaving_only_whole_shards(slow_ma
     run.wait(timeout=20)
     stopped_after = time.monotonic() - started
     assert stopped_after < 4, run.stderr.read().decode()[-3000:]
-    deadline = time.monotonic() + 5
-    while _living(run.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _living(run.pid) == []
+    assert _still_living_after(run.pid, seconds=5) == []
     store = ShardStore(str(slow_manifest / "out"), "ingest", "shop")
     done = store.markers()
     assert 0 < len(done) < 12, run.stderr.read().decode()[-3000:]  # stopped mid-way
@@ -320,9 +322,6 @@ def test_ctrl_c_with_a_worker_idle_stops_the_run(slow_manifest):
     except subprocess.TimeoutExpired:
         os.killpg(run.pid, signal.SIGKILL)
         pytest.fail("the run hung after the signal")
-    deadline = time.monotonic() + 5
-    while _living(run.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _living(run.pid) == []
+    assert _still_living_after(run.pid, seconds=5) == []
     assert len(ShardStore(str(slow_manifest / "out"), "ingest", "shop").markers()) == 1
     assert not (slow_manifest / "out" / LOCK_FILE).exists()
