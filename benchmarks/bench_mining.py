@@ -6,6 +6,12 @@ EfficientNet-Lite0, 144-d from today's gradient histogram; 1280 here, the larger
 a 32-d latent space (centres drawn N(0, 1.5²), members centre + N(0, 1), so neighbouring clusters overlap), mapped
 to the path's dimension by a fixed random linear map, plus isotropic noise, normalised onto the unit sphere.
 
+Synthetic vectors make dimension reduction look better than it is: their structure lives in 32 dimensions, where
+real embeddings spread theirs over many more. So the same comparison runs on real vectors too: 100K (smoke: 2K)
+distinct comment and docstring lines of the installed Python packages (English technical text; versions pinned by
+constraints.txt), embedded with the build's default text model (real MiniLM weights), cached under
+build/bench-mining/ (embedding 100K takes ~10 minutes on 2 cores, once).
+
 Each (size, path, index) runs `candidates.nearest` in a fresh process, so its peak memory (max RSS) is its own: the
 path's vectors (and their generation's temporaries) plus the index; "growth" is the peak over the RSS before mining.
 Recall@20 is against exact search on 1,000 sampled sources (the source itself left out of both lists); exact
@@ -21,7 +27,9 @@ import json
 import resource
 import subprocess
 import sys
+import sysconfig
 import time
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -35,6 +43,8 @@ LATENT_DIM = 32
 CLUSTER_SIZE = 50  # products per cluster on average: a style in a few colours and sizes
 FULL_EXACT_MAX = 10_000  # above this, exact search's time is extrapolated from the sampled sources
 BAR_SECONDS = 600
+REAL_TEXTS = 100_000
+CACHE = Path(__file__).resolve().parents[1] / "build" / "bench-mining"
 
 
 def clustered_vectors(n: int, dim: int, seed: int) -> np.ndarray:
@@ -52,15 +62,37 @@ def clustered_vectors(n: int, dim: int, seed: int) -> np.ndarray:
     return vectors
 
 
+def real_text_vectors(n: int) -> Path:
+    """A file of n real MiniLM vectors of real text (see the module's docstring), made once."""
+    path = CACHE / f"text-vectors-{n}.npy"
+    if path.exists():
+        return path
+    lines: set[str] = set()
+    for source in sorted(Path(sysconfig.get_paths()["purelib"]).rglob("*.py")):
+        for line in source.read_text(errors="ignore").splitlines():
+            line = line.strip().lstrip("#").strip()
+            if 40 <= len(line) <= 200 and sum(c.isalpha() or c == " " for c in line) > 0.85 * len(line):
+                lines.add(line)
+    ordered = sorted(lines)
+    picked = np.random.default_rng(0).choice(len(ordered), min(n, len(ordered)), replace=False)
+    from fashionmv_builder.stages.embed.stage import encode_texts
+
+    vectors = encode_texts([ordered[i] for i in picked]).astype(np.float32)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.save(path, vectors)
+    return path
+
+
 def _without_source(found: np.ndarray, sources: np.ndarray) -> list[set[int]]:
     return [set([int(j) for j in row if j != s][:TOP_K]) for row, s in zip(found, sources, strict=True)]
 
 
-def _worker(n: int, dim: int, seed: int, kind: str) -> None:
+def _worker(n: int, dim: int, seed: int, kind: str, vectors_file: str = "") -> None:
     """Run in a fresh process: mine one path of one split, then print time, memory and recall as JSON."""
     from fashionmv_builder.stages.candidates import nearest
 
-    vectors = clustered_vectors(n, dim, seed)
+    vectors = np.load(vectors_file) if vectors_file else clustered_vectors(n, dim, seed)
+    n, dim = vectors.shape
     members = np.arange(n)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
@@ -79,39 +111,62 @@ def _worker(n: int, dim: int, seed: int, kind: str) -> None:
     print(json.dumps(result | {"exact_estimate": exact_estimate}))
 
 
-def _run(n: int, dim: int, seed: int, kind: str) -> dict:
-    code = f"from benchmarks.bench_mining import _worker; _worker({n}, {dim}, {seed}, {kind!r})"
+def _run(n: int, dim: int, seed: int, kind: str, vectors_file: str = "") -> dict:
+    code = f"from benchmarks.bench_mining import _worker; _worker({n}, {dim}, {seed}, {kind!r}, {vectors_file!r})"
     done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def indexes_measured_at(n: int) -> tuple[str, ...]:
+    """Exact search runs whole up to 10K; plain HNSW and IVF on the full vectors up to 100K (at 1M they take 15+
+    minutes for the three paths, or lose recall: BENCHMARKS.md)."""
+    if n <= FULL_EXACT_MAX:
+        return ("exact", "hnsw-pca", "hnsw", "ivf")
+    return ("hnsw-pca", "hnsw", "ivf") if n <= 100_000 else ("hnsw-pca",)
+
+
+def _measure(n: int, path: str, dim: int, seed: int, kinds: tuple[str, ...], vectors_file: str = "") -> dict:
+    """Print one row per index for one path of one split; return each index's seconds."""
+    seconds: dict[str, float] = {}
+    exact_seconds = None
+    for kind in kinds:
+        r = _run(n, dim, seed, kind, vectors_file)
+        if kind == "exact":
+            exact_seconds = r["seconds"]
+        exact_text = f"{exact_seconds:9.2f}" if exact_seconds else f"~{r['exact_estimate']:8.0f}"
+        speed_up = (exact_seconds or r["exact_estimate"]) / r["seconds"]
+        seconds[kind] = r["seconds"]
+        print(
+            f"  {n:>9}  {path:<13} {dim:>4}  {kind:<8}  {r['seconds']:8.2f}  {r['peak_mb']:8.0f}  "
+            f"{r['peak_mb'] - r['base_mb']:9.0f}  {r['recall']:9.3f}  {exact_text}  {speed_up:6.1f}x"
+        )
+    return seconds
+
+
 def main(smoke: bool = False, sizes: tuple[int, ...] | None = None) -> None:
-    sizes = sizes or ((2_000,) if smoke else (10_000, 100_000, 1_000_000))
-    print(f"mining: each product's top {TOP_K} in its split, per path (synthetic clustered unit vectors)")
-    print(
-        f"  {'N':>9}  {'path':<13} {'dim':>4}  {'index':<5}  {'seconds':>8}  {'peak MB':>8}  {'growth MB':>9}  "
+    """The synthetic sizes, then (unless sizes are given) the real text vectors."""
+    header = (
+        f"  {'N':>9}  {'path':<13} {'dim':>4}  {'index':<8}  {'seconds':>8}  {'peak MB':>8}  {'growth MB':>9}  "
         f"{'recall@20':>9}  {'exact s':>9}  speed-up"
     )
-    for n in sizes:
-        kinds = ("exact", "hnsw", "ivf") if n <= FULL_EXACT_MAX else ("hnsw", "ivf") if n <= 100_000 else ("hnsw",)
+    print(f"mining: each product's top {TOP_K} in its split, per path (synthetic clustered unit vectors)")
+    print(header)
+    for n in sizes or ((2_000,) if smoke else (10_000, 100_000, 1_000_000)):
         totals: dict[str, float] = {}
         for seed, (path, dim) in enumerate(PATHS):
-            exact_seconds = None
-            for kind in kinds:
-                r = _run(n, dim, seed, kind)
-                if kind == "exact":
-                    exact_seconds = r["seconds"]
-                exact_text = f"{exact_seconds:9.2f}" if exact_seconds else f"~{r['exact_estimate']:8.0f}"
-                speed_up = (exact_seconds or r["exact_estimate"]) / r["seconds"]
-                totals[kind] = totals.get(kind, 0.0) + r["seconds"]
-                print(
-                    f"  {n:>9}  {path:<13} {dim:>4}  {kind:<5}  {r['seconds']:8.2f}  {r['peak_mb']:8.0f}  "
-                    f"{r['peak_mb'] - r['base_mb']:9.0f}  {r['recall']:9.3f}  {exact_text}  {speed_up:6.1f}x"
-                )
+            for kind, seconds in _measure(n, path, dim, seed, indexes_measured_at(n)).items():
+                totals[kind] = totals.get(kind, 0.0) + seconds
         summary = ", ".join(f"{kind} {seconds:.1f} s" for kind, seconds in totals.items())
         print(f"  {n:>9}  all three paths: {summary}")
     if not smoke:
-        print(f"  bar: 1M products, three paths, in <= {BAR_SECONDS} s with recall@20 >= 0.95 (hnsw)")
+        print(f"  bar: 1M products, three paths, in <= {BAR_SECONDS} s with recall@20 >= 0.95 (hnsw-pca)")
+    if sizes:
+        return
+    n = 2_000 if smoke else REAL_TEXTS
+    print(f"mining on real vectors: {n} lines of English text embedded with MiniLM (one 384-d path)")
+    print(header)
+    kinds = ("exact", "hnsw-pca", "hnsw") if n <= FULL_EXACT_MAX else ("hnsw-pca", "hnsw")
+    _measure(n, "text", 384, 0, kinds, str(real_text_vectors(n)))
 
 
 if __name__ == "__main__":

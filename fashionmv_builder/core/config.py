@@ -268,18 +268,27 @@ class RefreshSlice(_Strict):
 class MiningIndexConfig(_Strict):
     """Stage 3 mining's nearest-neighbour index, per split and retrieval path (issue #18; BENCHMARKS.md measures it).
 
-    `exact` compares every pair (quadratic); `hnsw` and `ivf` are faiss's approximate indexes; `auto` is exact for a
-    split smaller than `exact_below` products and HNSW above, where exact search becomes the slow part of a build.
+    `exact` compares every pair (quadratic); `hnsw` and `ivf` are faiss's approximate indexes on the full vectors;
+    `hnsw-pca` searches an HNSW graph of the vectors projected by PCA to the dimensions that keep `pca_variance` of
+    their variance and re-ranks the `rerank_shortlist` products it finds by their exact inner products. `auto` is
+    exact for a split smaller than `exact_below` products and `hnsw-pca` above, where exact search becomes the slow
+    part of a build.
     """
 
-    index: Literal["auto", "exact", "hnsw", "ivf"] = "auto"
+    index: Literal["auto", "exact", "hnsw", "hnsw-pca", "ivf"] = "auto"
     # HNSW overtakes exact search near 17K products (bench_mining, 1280-d path: exact takes 0.5x HNSW's time at 10K,
     # 9.4x at 100K); below this exact search takes seconds and loses no neighbour
     exact_below: int = Field(default=20_000, gt=0)
     hnsw_m: int = Field(default=16, ge=4)  # links per product (twice that on the base layer): 8 * m bytes each
-    # the search beam (at least top_k + 1). 64: recall@20 0.99 at 100K on bench_mining's clusters; on a mixture with
-    # more overlapping clusters 0.93 (128: 0.97, at 1.8x the search time)
-    hnsw_ef_search: int = Field(default=64, gt=0)
+    # the search beam (at least the products wanted). 96: on 100K real MiniLM text vectors plain HNSW's recall@20 is
+    # 0.941 at 64, 0.955 at 96, 0.964 at 128 (1.3x the time of 96); hnsw-pca's 0.953 at 96 (BENCHMARKS.md)
+    hnsw_ef_search: int = Field(default=96, gt=0)
+    # hnsw-pca projects to the fewest dimensions that keep this share of the vectors' variance (measured on a
+    # sample). 0.85: on 100K real MiniLM text vectors ~160 of 384 dimensions and recall@20 0.953 at 0.67x plain
+    # HNSW's CPU time (0.8: 0.942); a fixed 32 dimensions (42% of the variance) found only 0.42 of the neighbours
+    pca_variance: float = Field(default=0.85, gt=0, le=1)
+    # products found in the projection whose exact inner products are computed (at least the products wanted)
+    rerank_shortlist: int = Field(default=64, gt=0)
     ivf_nprobe: int = Field(default=16, gt=0)  # inverted lists visited per query (of 4 * sqrt(products))
 
 
