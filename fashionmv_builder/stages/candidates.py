@@ -164,11 +164,13 @@ def nearest_by_projection(vectors: np.ndarray, members: np.ndarray, k: int, mini
     for start in range(0, size, CHUNK):
         reduced[start : start + CHUNK] = (vectors[members[start : start + CHUNK]] - mean) @ basis
 
-    cells = max(1, min(int(np.sqrt(size)), len(sample) // 39))
-    clustering = faiss.Kmeans(reduced_dim, cells, niter=10, seed=0)
-    clustering.train(reduced[sample])
-    order = np.argsort(clustering.index.search(reduced, 1)[1][:, 0], kind="stable")  # graph entry -> member position
-    reduced = reduced[order]
+    cells = min(int(np.sqrt(size)), len(sample) // 39)  # k-means wants 39 training points per cell at least
+    order = np.arange(size)  # graph entry -> member position
+    if cells > 1:
+        clustering = faiss.Kmeans(reduced_dim, cells, niter=10, seed=0)
+        clustering.train(reduced[sample])
+        order = np.argsort(clustering.index.search(reduced, 1)[1][:, 0], kind="stable")
+        reduced = reduced[order]
     in_pool = np.ascontiguousarray(members[order], dtype=np.int64)  # graph entry -> row of `vectors`
     member_of_row = np.full(len(vectors), -1, dtype=np.int64)
     member_of_row[members] = np.arange(size)
