@@ -12,7 +12,6 @@ and dHash). Bar: 1M hashes in ≤ 10 min and ≤ 4 GB.
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import peak_rss_mb
 from fashionmv_builder.core.config import DedupeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,12 +50,12 @@ def _ours_worker(path: str, radius: int) -> None:
     from fashionmv_builder.stages.dedupe.neardup import near_pairs
 
     codes = np.load(path)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = peak_rss_mb()
     start = time.perf_counter()
     i, _, _ = near_pairs(codes, radius)
     elapsed = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"seconds": elapsed, "pairs": len(i), "peak_mb": peak / 1024, "base_mb": base / 1024}))
+    peak = peak_rss_mb()
+    print(json.dumps({"seconds": elapsed, "pairs": len(i), "peak_mb": peak, "base_mb": base}))
 
 
 def _run_json(cmd: list[str]) -> dict:

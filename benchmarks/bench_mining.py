@@ -24,7 +24,6 @@ recall@20 >= 0.95.
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import sysconfig
@@ -34,6 +33,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from benchmarks import peak_rss_mb
 from fashionmv_builder.core.config import MiningIndexConfig, TripletsConfig
 
 PATHS = (("image", 1280), ("long caption", 384), ("short caption", 384))
@@ -94,11 +94,11 @@ def _worker(n: int, dim: int, seed: int, kind: str, vectors_file: str = "") -> N
     vectors = np.load(vectors_file) if vectors_file else clustered_vectors(n, dim, seed)
     n, dim = vectors.shape
     members = np.arange(n)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = peak_rss_mb()
     start = time.perf_counter()
     found = nearest(vectors, members, TOP_K + 1, MiningIndexConfig(index=kind))  # type: ignore[arg-type]
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_rss_mb()
     sources = np.sort(np.random.default_rng(seed + 1).choice(n, min(n, RECALL_SOURCES), replace=False))
     flat = faiss.IndexFlatIP(dim)
     flat.add(vectors)
@@ -107,7 +107,7 @@ def _worker(n: int, dim: int, seed: int, kind: str, vectors_file: str = "") -> N
     exact_estimate = (time.perf_counter() - start) * n / len(sources)
     truth, approx = _without_source(exact, sources), _without_source(found[sources], sources)
     recall = float(np.mean([len(a & t) / max(1, len(t)) for a, t in zip(approx, truth, strict=True)]))
-    result = {"seconds": seconds, "peak_mb": peak / 1024, "base_mb": base / 1024, "recall": recall}
+    result = {"seconds": seconds, "peak_mb": peak, "base_mb": base, "recall": recall}
     print(json.dumps(result | {"exact_estimate": exact_estimate}))
 
 
