@@ -165,11 +165,10 @@ def main(smoke: bool = False, sizes: tuple[int, ...] | None = None) -> None:
     n = 2_000 if smoke else REAL_TEXTS
     print(f"mining on real vectors: {n} lines of English text embedded with MiniLM (one 384-d path)")
     print(header)
-    kinds = ("exact", "hnsw-pca", "hnsw") if n <= FULL_EXACT_MAX else ("hnsw-pca", "hnsw")
     # made in a process of its own: a worker forked from a parent that held the text model would start from its RSS
     code = f"from benchmarks.bench_mining import real_text_vectors; print(real_text_vectors({n}))"
     made = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    _measure(n, "text", 384, 0, kinds, made.stdout.strip().splitlines()[-1])
+    _measure(n, "text", 384, 0, indexes_measured_at(n), made.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
